@@ -1,0 +1,8 @@
+"""Architectures behind one interface: `models.build(config.model)` returns a registered Linen module."""
+
+from models.registry import (LanguageModel, abstract_variables, build, default_config, model_class, names,
+                             param_counts, register)
+from models import transformer  # noqa: F401  (registers 'transformer')
+
+__all__ = ['LanguageModel', 'abstract_variables', 'build', 'default_config', 'model_class', 'names',
+           'param_counts', 'register']

@@ -1,0 +1,238 @@
+"""Shared layers for every architecture.
+
+Every parameter is created through `logical(init, axes)` so that it carries logical axis names;
+`train/sharding.py` holds the one table that maps those names onto the (data, fsdp, tensor) mesh.
+Logical names used here:
+  vocab, embed, mlp, heads, kv (per-head width), pos (learned positions), norm (norm scales/biases).
+Activations are constrained with `batch`, `length`, `act_embed`, `act_heads`, `act_mlp`, `act_vocab`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+def logical(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+  """Wrap an initializer so the parameter it makes carries logical axis names."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Sharding hint for an activation (a no-op outside a mesh / axis-rules context)."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+def dense(features: int | Sequence[int], axes: Sequence[str | None], *, axis: int | Sequence[int] = -1,
+          use_bias: bool = True, dtype: Dtype = jnp.float32, kernel_init: Initializer = default_init,
+          name: str | None = None) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel has logical names `axes` (input axes then output axes)."""
+  n_in = 1 if isinstance(axis, int) else len(axis)
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=use_bias, dtype=dtype,
+      kernel_init=logical(kernel_init, axes),
+      bias_init=logical(nn.initializers.zeros_init(), axes[n_in:]),
+      name=name)
+
+
+def norm(kind: str, *, dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
+         epsilon: float = 1e-5, name: str | None = None) -> nn.Module:
+  """LayerNorm or RMSNorm with logically named parameters."""
+  if kind == 'layernorm':
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_bias=use_bias, use_scale=use_scale,
+                        scale_init=logical(nn.initializers.ones_init(), ('norm',)),
+                        bias_init=logical(nn.initializers.zeros_init(), ('norm',)), name=name)
+  if kind == 'rmsnorm':
+    return nn.RMSNorm(epsilon=epsilon, dtype=dtype, use_scale=use_scale,
+                      scale_init=logical(nn.initializers.ones_init(), ('norm',)), name=name)
+  raise ValueError(f'unknown norm {kind!r} (layernorm or rmsnorm)')
+
+
+class Embed(nn.Module):
+  """Token embedding; `attend` gives the tied readout logits."""
+  vocab_size: int
+  features: int
+  dtype: Dtype = jnp.float32
+  init: Initializer = default_init
+
+  def setup(self):
+    self.embedding = self.param('embedding', logical(self.init, ('vocab', 'embed')),
+                                (self.vocab_size, self.features), jnp.float32)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+    return constrain(x, ('batch', 'length', 'act_embed'))
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    logits = jnp.einsum('...d,vd->...v', x, self.embedding.astype(self.dtype))
+    return constrain(logits, ('batch', 'length', 'act_vocab'))
+
+
+class LearnedPositions(nn.Module):
+  max_len: int
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, positions: jax.Array) -> jax.Array:
+    table = self.param('embedding', logical(default_init, ('pos', 'embed')),
+                       (self.max_len, self.features), jnp.float32)
+    return jnp.take(table, positions, axis=0).astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, *, base: float = 10000.0, fraction: float = 1.0) -> jax.Array:
+  """Rotary position embedding on the first `fraction` of the head dims.
+
+  x: [batch, length, heads, head_dim]; positions: [batch, length] (any integers, so tokens can keep
+  their original positions after being gathered or deleted).
+  """
+  head_dim = x.shape[-1]
+  rot = int(head_dim * fraction) // 2 * 2
+  if rot == 0:
+    return x
+  freqs = base ** (-jnp.arange(0, rot, 2, dtype=jnp.float32) / rot)            # [rot/2]
+  angles = positions[..., None].astype(jnp.float32) * freqs                    # [b, l, rot/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]   # [b, l, 1, rot/2]
+  x_rot, x_pass = x[..., :rot].astype(jnp.float32), x[..., rot:]
+  x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  return jnp.concatenate([rotated, x_pass], axis=-1)
+
+
+def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+  """[batch, 1, q, k] boolean mask: key position <= query position."""
+  return (k_positions[:, None, None, :] <= q_positions[:, None, :, None])
+
+
+def padding_mask(q_valid: jax.Array, k_valid: jax.Array) -> jax.Array:
+  """[batch, 1, q, k] boolean mask from per-position validity."""
+  return q_valid[:, None, :, None] & k_valid[:, None, None, :]
+
+
+def reference_attention(q, k, v, mask=None, bias=None):
+  """Plain softmax attention, the naive reference for every fast path.
+
+  q: [b, q, h, d], k/v: [b, k, h, d], mask: bool broadcastable to [b, h, q, k], bias: additive, same.
+  A query whose keys are all masked gets zeros.
+  """
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+  if bias is not None:
+    scores = scores + bias
+  if mask is not None:
+    scores = jnp.where(mask, scores, -jnp.inf)
+  weights = jax.nn.softmax(scores, axis=-1)
+  weights = jnp.nan_to_num(weights)   # rows with every key masked
+  return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+
+
+def dot_product_attention(q, k, v, mask=None, bias=None):
+  """Fused attention (cuDNN flash attention on GPU where shapes allow, XLA elsewhere)."""
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+
+
+class Attention(nn.Module):
+  """Multi-head (optionally grouped-query) attention with optional RoPE and a KV cache.
+
+  mask: boolean [batch, 1|heads, q, k] (True = may attend). With `decode=True` the layer keeps
+  `cached_key`/`cached_value`/`cache_index` in the 'cache' collection; feed a prompt chunk first,
+  then one token at a time; the mask is then built from positions (causal).
+  """
+  num_heads: int
+  head_dim: int
+  num_kv_heads: int | None = None
+  use_bias: bool = True
+  use_rope: bool = False
+  rope_base: float = 10000.0
+  rope_fraction: float = 1.0
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  out_init: Initializer = default_init
+
+  @nn.compact
+  def __call__(self, x, kv_inputs=None, *, mask=None, bias=None, positions=None, kv_positions=None,
+               decode: bool = False, train: bool = False):
+    kv_inputs = x if kv_inputs is None else kv_inputs
+    kv_heads = self.num_kv_heads or self.num_heads
+    proj = lambda heads, name: dense((heads, self.head_dim), ('embed', 'heads', 'kv'), use_bias=self.use_bias,
+                                     dtype=self.dtype, name=name)
+    q = proj(self.num_heads, 'query')(x)
+    k = proj(kv_heads, 'key')(kv_inputs)
+    v = proj(kv_heads, 'value')(kv_inputs)
+    batch, length = x.shape[0], x.shape[1]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    if decode:
+      k, v, positions, kv_positions, mask = self._update_cache(k, v, positions.shape[1])
+    elif kv_positions is None:
+      kv_positions = positions if kv_inputs is x else jnp.broadcast_to(
+          jnp.arange(kv_inputs.shape[1]), kv_inputs.shape[:2])
+    if self.use_rope:
+      q = rope(q, positions, base=self.rope_base, fraction=self.rope_fraction)
+      if not decode:   # cached keys were rotated when written
+        k = rope(k, kv_positions, base=self.rope_base, fraction=self.rope_fraction)
+    if kv_heads != self.num_heads:
+      k = jnp.repeat(k, self.num_heads // kv_heads, axis=2)
+      v = jnp.repeat(v, self.num_heads // kv_heads, axis=2)
+    q = constrain(q, ('batch', 'length', 'act_heads', None))
+    out = dot_product_attention(q, k, v, mask=mask, bias=bias)
+    out = nn.Dropout(self.dropout)(out, deterministic=not train)
+    out = dense(x.shape[-1], ('heads', 'kv', 'embed'), axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
+                kernel_init=self.out_init, name='out')(out)
+    return constrain(out, ('batch', 'length', 'act_embed'))
+
+  def _update_cache(self, k, v, length):
+    """Write the new keys/values at cache_index; return the full cache, positions and causal mask."""
+    is_init = not self.has_variable('cache', 'cached_key')
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+    index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+    batch, max_len = cached_k.value.shape[:2]
+    q_positions = jnp.broadcast_to(index.value + jnp.arange(length), (batch, length))
+    k_positions = jnp.broadcast_to(jnp.arange(max_len), (batch, max_len))
+    if is_init:   # initialising the cache: shapes only
+      return k, v, q_positions, k_positions[:, :length], causal_mask(q_positions, k_positions[:, :length])
+    if self.use_rope:   # store keys already rotated at their absolute positions
+      k = rope(k, q_positions, base=self.rope_base, fraction=self.rope_fraction)
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, index.value, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, index.value, 0, 0))
+    index.value = index.value + length
+    return cached_k.value, cached_v.value, q_positions, k_positions, causal_mask(q_positions, k_positions)
+
+
+class Mlp(nn.Module):
+  """Feed-forward: `gelu` (two matrices) or `swiglu` (gated, three matrices)."""
+  hidden: int
+  kind: str = 'gelu'
+  use_bias: bool = True
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  out_init: Initializer = default_init
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    up = dense(self.hidden, ('embed', 'mlp'), use_bias=self.use_bias, dtype=self.dtype, name='up')(x)
+    if self.kind == 'gelu':
+      h = nn.gelu(up, approximate=False)
+    elif self.kind == 'swiglu':
+      gate = dense(self.hidden, ('embed', 'mlp'), use_bias=self.use_bias, dtype=self.dtype, name='gate')(x)
+      h = nn.silu(gate) * up
+    else:
+      raise ValueError(f'unknown mlp kind {self.kind!r} (gelu or swiglu)')
+    h = constrain(h, ('batch', 'length', 'act_mlp'))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    out = dense(x.shape[-1], ('mlp', 'embed'), use_bias=self.use_bias, dtype=self.dtype, kernel_init=self.out_init,
+                name='down')(h)
+    return constrain(out, ('batch', 'length', 'act_embed'))
+
+
+def mlp_matmul_params(d_model: int, hidden: int, kind: str) -> int:
+  """Weights in one feed-forward (for analytic FLOPs)."""
+  return (3 if kind == 'swiglu' else 2) * d_model * hidden

@@ -1,0 +1,119 @@
+"""The model registry and the interface every architecture implements.
+
+A model is a Linen module registered by name. The training loop only ever does
+
+    logits, aux = module.apply(variables, **inputs, train=..., rngs=...)
+
+where `inputs` is the batch minus its `targets` and `weights` (see `train/data.py` for the batch
+formats). `aux` maps names to scalars: entries named `loss/...` are added to the training
+objective, the rest are logged as metrics. Decoder LMs take `tokens` [batch, seq] and return logits
+[batch, seq, vocab]; other formats (encoder-decoder, word-structured batches) name their own inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+_REGISTRY: dict[str, type['LanguageModel']] = {}
+
+
+def register(name: str):
+  def wrap(cls):
+    if name in _REGISTRY:
+      raise ValueError(f'model {name!r} registered twice')
+    cls.registry_name = name
+    _REGISTRY[name] = cls
+    return cls
+  return wrap
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def model_class(name: str) -> type['LanguageModel']:
+  if name not in _REGISTRY:
+    raise ValueError(f'model.name={name!r} is not registered (known: {", ".join(names())})')
+  return _REGISTRY[name]
+
+
+def default_config(name: str) -> ml_collections.ConfigDict:
+  """The full model config (every key the architecture accepts) with its defaults."""
+  config = model_class(name).default_config()
+  config.name = name
+  return config
+
+
+def build(model_config: ml_collections.ConfigDict) -> 'LanguageModel':
+  """Build and validate the registered module named by `model_config.name`."""
+  kwargs = dict(model_config)
+  cls = model_class(kwargs.pop('name'))
+  fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ('parent', 'name')}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f'model.{unknown[0]} is not a key of model {cls.registry_name!r}')
+  module = cls(**kwargs)
+  module.validate()
+  return module
+
+
+class LanguageModel(nn.Module):
+  """Base class: the hooks the data pipeline and the training loop need from an architecture."""
+  registry_name: ClassVar[str] = ''
+  # Which batch layout `train/data.py` builds for this model.
+  batch_format: ClassVar[str] = 'lm'
+  # RNG streams the model draws from in training (evaluation passes the same names, fixed keys).
+  rng_streams: ClassVar[tuple[str, ...]] = ('dropout',)
+
+  def validate(self) -> None:
+    """Raise ValueError naming the config key when the shape is impossible."""
+    if getattr(self, 'vocab_size', 1) <= 0:
+      raise ValueError('model.vocab_size must be positive')
+
+  def example_inputs(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Input shapes for `init`, matching the model's batch format."""
+    return {'tokens': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)}
+
+  def forward_flops_per_token(self, seq_len: int) -> float:
+    """Analytic forward matmul FLOPs per token (causal attention counted at half)."""
+    raise NotImplementedError
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token: 3x forward. Used for MFU and compute matching."""
+    return 3 * self.forward_flops_per_token(seq_len)
+
+  @classmethod
+  def config_from_fields(cls) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        f.name: f.default for f in dataclasses.fields(cls)
+        if f.init and f.name not in ('parent', 'name') and f.default is not dataclasses.MISSING})
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    return cls.config_from_fields()
+
+
+def abstract_variables(module: LanguageModel, batch_size: int = 1, seq_len: int = 8):
+  """Shapes of the (boxed, logically named) variables without allocating them."""
+  inputs = module.example_inputs(batch_size, seq_len)
+  rngs = {name: jax.random.key(0) for name in ('params', *module.rng_streams)}
+  return jax.eval_shape(lambda: module.init(rngs, **inputs, train=False))
+
+
+def param_counts(module: LanguageModel) -> dict[str, int]:
+  """Total parameters, and those outside token embeddings/readout (any array with a `vocab` axis)."""
+  params = abstract_variables(module)['params']
+  total = non_embedding = 0
+  for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
+    size = int(jnp.size(nn.meta.unbox(leaf)))
+    total += size
+    names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
+    if 'vocab' not in names:
+      non_embedding += size
+  return {'params': total, 'non_embedding_params': non_embedding}

@@ -1,0 +1,117 @@
+"""GPT-style decoder-only Transformer LM: the size-matched baseline of every table."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from models import layers
+from models.registry import LanguageModel, register
+
+
+class Block(nn.Module):
+  d_model: int
+  num_heads: int
+  d_ff: int
+  prenorm: bool
+  norm: str
+  mlp: str
+  use_rope: bool
+  use_bias: bool
+  dropout: float
+  dtype: layers.Dtype
+  out_init: layers.Initializer
+
+  @nn.compact
+  def __call__(self, x, mask, positions, decode, train):
+    attention = layers.Attention(
+        num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, use_rope=self.use_rope,
+        use_bias=self.use_bias, dropout=self.dropout, dtype=self.dtype, out_init=self.out_init, name='attention')
+    mlp = layers.Mlp(hidden=self.d_ff, kind=self.mlp, use_bias=self.use_bias, dropout=self.dropout,
+                     dtype=self.dtype, out_init=self.out_init, name='mlp')
+    norm1 = layers.norm(self.norm, dtype=self.dtype, use_bias=self.use_bias, name='norm1')
+    norm2 = layers.norm(self.norm, dtype=self.dtype, use_bias=self.use_bias, name='norm2')
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
+    attend = lambda y: attention(y, mask=mask, positions=positions, decode=decode, train=train)
+    if self.prenorm:
+      x = x + drop(attend(norm1(x)))
+      x = x + drop(mlp(norm2(x), train=train))
+    else:   # post-LN (original Transformer)
+      x = norm1(x + drop(attend(x)))
+      x = norm2(x + drop(mlp(x, train=train)))
+    return x
+
+
+@register('transformer')
+class Transformer(LanguageModel):
+  """Decoder-only Transformer. `prenorm` switches pre-LN/post-LN, `positions` learned/rope."""
+  vocab_size: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  d_ff: int = 1024
+  max_len: int = 1024
+  prenorm: bool = True
+  norm: str = 'layernorm'
+  mlp: str = 'gelu'
+  positions: str = 'learned'
+  use_bias: bool = True
+  tied_embeddings: bool = True
+  dropout: float = 0.0
+  dtype: str = 'float32'
+  remat: bool = False
+
+  def validate(self):
+    super().validate()
+    if self.d_model % self.num_heads:
+      raise ValueError(f'model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}')
+    if self.positions not in ('learned', 'rope'):
+      raise ValueError(f"model.positions={self.positions!r} must be 'learned' or 'rope'")
+    if self.norm not in ('layernorm', 'rmsnorm'):
+      raise ValueError(f"model.norm={self.norm!r} must be 'layernorm' or 'rmsnorm'")
+    if self.mlp not in ('gelu', 'swiglu'):
+      raise ValueError(f"model.mlp={self.mlp!r} must be 'gelu' or 'swiglu'")
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False, decode: bool = False):
+    dtype = jnp.dtype(self.dtype)
+    embed = layers.Embed(self.vocab_size, self.d_model, dtype=dtype, name='embed')
+    x = embed(tokens)
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    if decode:   # absolute positions continue from the cache
+      index = self.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
+      positions = positions + index.value
+      if not self.is_initializing():
+        index.value = index.value + length
+    if self.positions == 'learned':
+      x = x + layers.LearnedPositions(self.max_len, self.d_model, dtype=dtype, name='pos_embed')(positions)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    mask = None if decode else layers.causal_mask(positions, positions)
+    # GPT-2 scales the residual output projections by 1/sqrt(2 * layers).
+    out_init = nn.initializers.normal(0.02 / math.sqrt(2 * self.num_layers))
+    block_cls = nn.remat(Block, static_argnums=(4, 5)) if self.remat else Block
+    for i in range(self.num_layers):
+      x = block_cls(self.d_model, self.num_heads, self.d_ff, self.prenorm, self.norm, self.mlp,
+                    self.positions == 'rope', self.use_bias, self.dropout, dtype, out_init,
+                    name=f'block_{i}')(x, mask, positions, decode, train)
+    if self.prenorm:
+      x = layers.norm(self.norm, dtype=dtype, use_bias=self.use_bias, name='final_norm')(x)
+    if self.tied_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = layers.dense(self.vocab_size, ('embed', 'vocab'), use_bias=False, dtype=dtype, name='readout')(x)
+    return logits.astype(jnp.float32), {}
+
+  def forward_flops_per_token(self, seq_len: int) -> float:
+    per_layer = 2 * (4 * self.d_model ** 2 + layers.mlp_matmul_params(self.d_model, self.d_ff, self.mlp))
+    # QK^T and AV: 2 * 2 * d * T per token, halved for the causal mask.
+    per_layer += 2 * self.d_model * seq_len
+    return self.num_layers * per_layer + 2 * self.d_model * self.vocab_size
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    return cls.config_from_fields()

@@ -1,0 +1,1 @@
+"""Training, evaluation and sampling for every registered architecture."""

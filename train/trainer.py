@@ -1,0 +1,305 @@
+"""The training loop. It knows no architecture: a model is whatever `models.build` returns, fed the
+batch its `batch_format` asks for; its objective is the weighted next-token cross-entropy plus the
+`loss/...` terms it reports in `aux`.
+
+State: {'step', 'params', 'opt_state', 'rng', 'model_state'}; `model_state` holds any non-parameter
+variable collections a model declares (controllers, running statistics), updated by the train step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import models
+from train import checkpoint, config as config_lib, data, metrics as metrics_lib, sharding
+
+LN2 = math.log(2.0)
+NOT_INPUTS = ('targets', 'weights')
+
+
+def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup and cosine decay to lr * min_lr_ratio, global-norm clipping.
+  Weight decay applies to matrices only (not norms or biases)."""
+  warmup = min(t.warmup_steps, t.steps)
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.lr, warmup_steps=warmup, decay_steps=max(t.steps, warmup + 1),
+      end_value=t.lr * t.min_lr_ratio)
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+  optimizer = optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+  return optimizer, schedule
+
+
+def weighted_nll(logits, targets, weights):
+  """(sum of weighted token NLLs, sum of weights), in float32."""
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  return (nll * weights).sum(), weights.sum()
+
+
+def model_inputs(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k not in NOT_INPUTS}
+
+
+def stream_keys(model: models.LanguageModel, key) -> dict:
+  return {name: jax.random.fold_in(key, i) for i, name in enumerate(model.rng_streams)}
+
+
+class Setup:
+  """What training, evaluation and sampling share: mesh, data, tokenizer, model and state layout."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    config_lib.validate(config)
+    try:
+      self.mesh = sharding.make_mesh(config.mesh)
+      self.rows = sharding.process_rows(config.train.batch_size)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
+    batch_shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    micro = config.train.batch_size // config.train.grad_accum
+    if micro % batch_shards:
+      raise config_lib.ConfigError(
+          f'train.batch_size / train.grad_accum = {micro} does not divide over mesh.data x mesh.fsdp = {batch_shards}')
+    model_cls = models.model_class(config.model.name)
+    self.dataset = data.Dataset(config, workdir, fmt=model_cls.batch_format)
+    vocab = self.dataset.tokenizer.vocab_size
+    if config.model.vocab_size == 0:
+      with config.unlocked():
+        config.model.vocab_size = vocab
+    elif config.model.vocab_size < vocab:
+      raise config_lib.ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
+                                   f'tokenizer vocabulary ({vocab})')
+    self.model = config_lib.build_model(config)
+    self.optimizer, self.schedule = make_optimizer(config.train)
+    self._layout()
+
+  def _init_state(self, key):
+    """The full training state with boxed (logically named) parameters."""
+    init_key, train_key = jax.random.split(key)
+    batch = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    inputs = {k: jnp.zeros(s.shape, s.dtype)
+              for k, s in self.model.example_inputs(batch, self.config.train.seq_len).items()}
+    rngs = {'params': init_key, **stream_keys(self.model, init_key)}
+    variables = self.model.init(rngs, **inputs, train=False)
+    params = variables.pop('params')
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': self.optimizer.init(params),
+            'rng': jax.random.key_data(train_key), 'model_state': dict(variables)}
+
+  def _layout(self):
+    boxed = jax.eval_shape(self._init_state, jax.random.key(0))
+    self.state_shardings = sharding.logical_shardings(boxed, self.mesh)
+    self.abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                       nn.meta.unbox(boxed), self.state_shardings)
+    self.param_counts = models.param_counts(self.model)
+
+  def init_state(self):
+    init = jax.jit(lambda key: nn.meta.unbox(self._init_state(key)), out_shardings=self.state_shardings)
+    return init(jax.random.key(self.config.seed))
+
+  def global_batch(self, local_batch: dict) -> dict:
+    return sharding.global_batch(local_batch, self.mesh)
+
+  # ------------------------------------------------------------------------------------- evaluation
+  def make_eval_step(self):
+    model, seed = self.model, self.config.seed
+
+    def eval_step(params, model_state, batch):
+      rngs = stream_keys(model, jax.random.key(seed))
+      logits, _ = model.apply({'params': params, **model_state}, **model_inputs(batch), train=False, rngs=rngs)
+      return weighted_nll(logits, batch['targets'], batch['weights'])
+
+    return jax.jit(eval_step)
+
+  def evaluate(self, eval_step, params, model_state, split: str, max_batches: int = 0) -> dict:
+    """Loss, perplexity and bits per byte (total NLL over the split's UTF-8 bytes) on one split."""
+    nll = weight = 0.0
+    for batch in self.dataset.eval_batches(split, max_batches, self.rows):
+      n, w = eval_step(params, model_state, self.global_batch(batch))
+      nll, weight = nll + n, weight + w   # stays on device until the end
+    nll, weight = float(nll), float(weight)
+    loss = nll / max(weight, 1.0)
+    return {'loss': loss, 'ppl': math.exp(min(loss, 80.0)),
+            'bpb': nll / LN2 / self.dataset.eval_bytes(split, max_batches), 'tokens': int(weight)}
+
+
+class Trainer:
+  """Runs (or resumes) training in `workdir` for `config.train.steps` steps."""
+
+  def __init__(self, config, workdir: str):
+    self.setup = Setup(config, workdir)
+    self.config, self.workdir = config, workdir
+    self.stop_requested = threading.Event()
+
+  def _make_train_step(self):
+    model, optimizer, schedule = self.setup.model, self.setup.optimizer, self.setup.schedule
+    accum = self.config.train.grad_accum
+
+    def micro_objective(params, model_state, micro, key, total_weight):
+      mutable = list(model_state)
+      out = model.apply({'params': params, **model_state}, **model_inputs(micro), train=True,
+                        rngs=stream_keys(model, key), mutable=mutable or False)
+      (logits, aux), new_model_state = out if mutable else (out, {})
+      nll, _ = weighted_nll(logits, micro['targets'], micro['weights'])
+      aux_loss = sum((v for k, v in aux.items() if k.startswith('loss/')), jnp.zeros(()))
+      return nll / total_weight + aux_loss / accum, (nll, aux, dict(new_model_state))
+
+    grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
+
+    def train_step(state, batch):
+      key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+      total_weight = jnp.maximum(batch['weights'].sum(), 1.0)
+      # Micro-batch i takes rows i, i + accum, ...: every device keeps a share of every micro-batch.
+      micro_batches = jax.tree.map(
+          lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
+
+      def body(carry, xs):
+        grads, model_state = carry
+        micro, i = xs
+        (_, (nll, aux, model_state)), g = grad_fn(state['params'], model_state, micro, jax.random.fold_in(key, i),
+                                                  total_weight)
+        return (jax.tree.map(jnp.add, grads, g), model_state), (nll, aux)
+
+      zeros = jax.tree.map(jnp.zeros_like, state['params'])
+      (grads, model_state), (nll, aux) = jax.lax.scan(body, (zeros, state['model_state']),
+                                                      (micro_batches, jnp.arange(accum)))
+      updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+      new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
+                   'opt_state': opt_state, 'rng': state['rng'], 'model_state': model_state}
+      step_metrics = {'loss': nll.sum() / total_weight, 'grad_norm': optax.global_norm(grads),
+                      'lr': schedule(state['step']), **{k: v.mean() for k, v in aux.items()}}
+      return new_state, step_metrics
+
+    return train_step
+
+  def _request_stop(self, signum, frame):
+    self.stop_requested.set()
+
+  def _stop_agreed(self) -> bool:
+    """All processes stop together: a SIGTERM on any one host stops every host at the same step."""
+    flag = self.stop_requested.is_set()
+    if jax.process_count() == 1:
+      return flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+  def run(self) -> dict:
+    setup, config, t = self.setup, self.config, self.config.train
+    os.makedirs(self.workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json(indent=2))
+    ckpt = checkpoint.Checkpointer(self.workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    latest = ckpt.latest_step()
+    if latest is not None:
+      state, meta = ckpt.restore(latest, setup.abstract_state)
+      run_id = meta['wandb_run_id']
+    else:
+      state, run_id = setup.init_state(), metrics_lib.new_wandb_run_id()
+    start = int(jax.device_get(state['step']))
+    writer = metrics_lib.MetricsWriter(self.workdir, config, run_id=run_id, total_steps=t.steps, initial_step=start)
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._request_stop)
+    tokens_per_step = t.batch_size * t.seq_len
+    flops_per_token = setup.model.flops_per_token(t.seq_len)
+    peak = metrics_lib.peak_flops_per_device(t.peak_flops_per_device) * jax.device_count()
+    eval_step = setup.make_eval_step()
+    result: dict = {'params': setup.param_counts['params'], 'start_step': start}
+    try:
+      if start >= t.steps:
+        writer.note(f'already trained {start} >= train.steps={t.steps} steps; nothing to do')
+        return result
+      batch_sharding = sharding.batch_sharding(setup.mesh)
+      first_batch = setup.global_batch(setup.dataset.train_batch(start, setup.rows))
+      compile_start = time.perf_counter()
+      train_step = jax.jit(self._make_train_step(), in_shardings=(setup.state_shardings, batch_sharding),
+                           out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+                           donate_argnums=0).lower(state, first_batch).compile()
+      compile_time = time.perf_counter() - compile_start
+      writer.write(start, {'compile_time_s': compile_time, **setup.param_counts,
+                           'flops_per_token': flops_per_token, **_memory_stats(train_step)})
+      pending = None          # (step, device metrics) of the step before: fetched one step late
+      window_start, window_steps = time.perf_counter(), 0
+
+      def drain():
+        """Fetch the pending step's metrics; stop on a non-finite loss; log on log steps."""
+        nonlocal pending, window_start, window_steps
+        if pending is None:
+          return
+        done, device_metrics = pending
+        pending = None
+        values = jax.device_get(device_metrics)
+        if not (np.isfinite(values['loss']) and np.isfinite(values['grad_norm'])):
+          last_good = ckpt.latest_step()
+          raise config_lib.TrainingStopped(
+              f'non-finite loss ({values["loss"]}) or gradient norm ({values["grad_norm"]}) at step {done}; '
+              f'the last good checkpoint is '
+              f'{"step " + str(last_good) if last_good is not None else "none (nothing saved)"} in {self.workdir}')
+        window_steps += 1
+        if done % t.log_every == 0 or done == t.steps:
+          elapsed = time.perf_counter() - window_start
+          tps = window_steps * tokens_per_step / elapsed
+          writer.write(done, {**values, 'tokens_per_sec': tps, 'mfu': tps * flops_per_token / peak,
+                              'step_time_s': elapsed / window_steps})
+          result.update(loss=float(values['loss']), tokens_per_sec=tps)
+          window_start, window_steps = time.perf_counter(), 0
+
+      def pause_clock(fn):
+        nonlocal window_start
+        paused = time.perf_counter()
+        out = fn()
+        window_start += time.perf_counter() - paused
+        return out
+
+      batch = first_batch
+      for step in range(start, t.steps):
+        state, step_metrics = train_step(state, batch)
+        done = step + 1
+        drain()   # the previous step's metrics, while this step runs
+        pending = (done, step_metrics)
+        if done < t.steps:   # prepare the next batch while the device works
+          batch = setup.global_batch(setup.dataset.train_batch(done, setup.rows))
+        writer.advance()
+        stop = self._stop_agreed()
+        is_eval = done % t.eval_every == 0 or done == t.steps
+        is_save = done % config.checkpoint.every == 0 or done == t.steps or stop
+        if is_eval or is_save:
+          drain()   # never evaluate or save a state whose loss was not checked
+        if is_eval:
+          ev = pause_clock(lambda: setup.evaluate(eval_step, state['params'], state['model_state'], 'valid',
+                                                  t.eval_batches))
+          writer.write(done, {f'eval_{k}': v for k, v in ev.items()})
+          result.update({f'eval_{k}': v for k, v in ev.items()})
+        if is_save:
+          pause_clock(lambda: ckpt.save(done, state, {'wandb_run_id': run_id, 'step': done}))
+        if stop:
+          ckpt.wait()
+          writer.note(f'preempted: saved a checkpoint at step {done}; rerun the same command to resume')
+          result['preempted_at'] = done
+          break
+      result['step'] = int(jax.device_get(state['step']))
+      result['tokens_per_step'] = tokens_per_step
+      return result
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
+
+
+def _memory_stats(compiled) -> dict:
+  try:
+    m = compiled.memory_analysis()
+    return {'memory_temp_bytes': int(m.temp_size_in_bytes), 'memory_argument_bytes': int(m.argument_size_in_bytes)}
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return {}
+
