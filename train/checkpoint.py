@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -33,16 +32,6 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored['state'], restored['meta']
-
-  def restore_params(self, step: int, abstract_params):
-    """Only the parameters (evaluation and sampling), with whatever shardings `abstract_params` carry."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item={'params': abstract_params},
-            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
-                                      {'params': abstract_params}),
-            partial_restore=True)))
-    return restored['state']['params']
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

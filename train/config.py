@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -49,6 +50,7 @@ def default_config(model: str = 'transformer') -> ml_collections.ConfigDict:
       steps=1000, batch_size=16, seq_len=128, grad_accum=1,
       lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
       log_every=10, eval_every=500, eval_batches=0,   # eval_batches 0 = the whole validation split
+      stop_at=0,   # end this invocation at this step with a checkpoint (time-sliced jobs); 0 = run to train.steps
       peak_flops_per_device=0.0,                       # for MFU; 0 = from the device kind
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
@@ -69,6 +71,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}')
   if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
     raise ConfigError('checkpoint.every and checkpoint.keep must be positive')
+  from train.data import CORPORA
+  if config.data.corpus not in CORPORA and not config.data.corpus.startswith('tfds:'):
+    raise ConfigError(f'data.corpus={config.data.corpus!r} is not one of {", ".join(CORPORA)} or tfds:NAME')
   if config.wandb.mode not in WANDB_MODES:
     raise ConfigError(f'wandb.mode={config.wandb.mode!r} must be one of {", ".join(WANDB_MODES)}')
   max_len = config.model.get('max_len')
@@ -122,14 +127,28 @@ def parse_flags(argv: Sequence[str], define: Callable[[flags.FlagValues], None],
   except flags.Error as e:
     raise ConfigError(str(e).splitlines()[0]) from None
   except (AttributeError, KeyError) as e:   # an override naming a key the config does not have
-    raise ConfigError(f'unknown config key: {str(e).strip(chr(39)).splitlines()[0]}') from None
+    raise ConfigError(_unknown_key_message(str(e), argv)) from None
   except OSError as e:
     raise ConfigError(' '.join(str(e).split())) from None
   if fv.config is None:
     raise ConfigError('--config is required (a config file, e.g. experiments/configs/quickstart.py)')
+  if not isinstance(fv.config, ml_collections.ConfigDict):   # config_flags defers load errors to first use
+    try:
+      fv.config.keys()
+    except OSError as e:
+      reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+      raise ConfigError(f'--config={fv["config"].config_filename} could not be loaded: {reason}') from None
   if not config_from_workdir and not fv.workdir:
     raise ConfigError('--workdir is required')
   return fv
+
+
+def _unknown_key_message(error: str, argv: Sequence[str]) -> str:
+  key = (re.findall(r"'(\w+)", error) or ['?'])[0]
+  flag = next((a.split('=')[0] for a in argv if a.startswith('--config.') and
+               re.search(rf'\.{key}(=|$|\.)', a.split('=')[0])), key)
+  hint = re.findall(r'Did you mean "(\w+)"', error)
+  return f'unknown config key {flag}' + (f' (did you mean {hint[0]!r}?)' if hint else '')
 
 
 def cli(main: Callable[[list[str]], None]) -> Callable[[], None]:

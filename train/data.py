@@ -30,6 +30,7 @@ import numpy as np
 from train import tokenizers
 
 SPLITS = ('train', 'valid', 'test')
+CORPORA = ('stdlib', 'text', 'wikitext2', 'documents')
 SPLIT_FILE_NAMES = {
     'train': ('train.txt', 'wiki.train.tokens', 'train'),
     'valid': ('valid.txt', 'wiki.valid.tokens', 'validation.txt', 'valid'),
@@ -72,9 +73,10 @@ def _split_files(directory: pathlib.Path) -> dict[str, pathlib.Path] | None:
 
 
 def _require_dir(data_config) -> pathlib.Path:
-  directory = pathlib.Path(data_config.dir or DEFAULT_DIRS.get(data_config.corpus, '')).expanduser()
-  if not str(directory) or not directory.is_dir():
-    raise DataError(f'data.dir={str(directory)!r} is not a directory (needed by data.corpus={data_config.corpus})')
+  raw = data_config.dir or DEFAULT_DIRS.get(data_config.corpus, '')
+  directory = pathlib.Path(raw).expanduser()
+  if not raw or not directory.is_dir():
+    raise DataError(f'data.dir={raw!r} is not a directory (needed by data.corpus={data_config.corpus})')
   return directory
 
 
@@ -241,6 +243,8 @@ class Dataset:
     self.seq_len = config.train.seq_len
     self.format = fmt
     self.cache_dir = config.data.cache_dir or os.path.join(workdir, 'cache')
+    if not config.data.corpus.startswith('tfds:'):
+      corpus_files(config.data)   # missing directories and files fail here, before any compiling
     self.tokenizer = load_or_train_tokenizer(config.data, workdir)
     self._splits: dict[str, SplitWindows] = {}
 

@@ -270,7 +270,7 @@ class Trainer:
         if done < t.steps:   # prepare the next batch while the device works
           batch = setup.global_batch(setup.dataset.train_batch(done, setup.rows))
         writer.advance()
-        stop = self._stop_agreed()
+        stop = self._stop_agreed() or done == t.stop_at
         is_eval = done % t.eval_every == 0 or done == t.steps
         is_save = done % config.checkpoint.every == 0 or done == t.steps or stop
         if is_eval or is_save:
@@ -284,8 +284,8 @@ class Trainer:
           pause_clock(lambda: ckpt.save(done, state, {'wandb_run_id': run_id, 'step': done}))
         if stop:
           ckpt.wait()
-          writer.note(f'preempted: saved a checkpoint at step {done}; rerun the same command to resume')
-          result['preempted_at'] = done
+          writer.note(f'stopped early: saved a checkpoint at step {done}; rerun the same command to resume')
+          result['stopped_at'] = done
           break
       result['step'] = int(jax.device_get(state['step']))
       result['tokens_per_step'] = tokens_per_step

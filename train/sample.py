@@ -1,0 +1,88 @@
+"""python -m train.sample --workdir DIR --prompt TEXT --max_new_tokens N [--temperature T] [--top_k K]
+
+Generates with the model's KV cache (`decode=True`): the prompt is fed in one call, then one token
+per call, each attending to the cached keys and values.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from train import config as config_lib, distributed
+
+
+def init_cache(model, batch: int, length: int):
+  """Zeroed decode cache for `length` positions (shapes from an abstract init, nothing else allocated)."""
+  inputs = {'tokens': jax.ShapeDtypeStruct((batch, length), jnp.int32)}
+  abstract = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, tokens=jnp.zeros(
+      inputs['tokens'].shape, jnp.int32), train=False, decode=True))
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract['cache'])
+
+
+def decode_step_fn(model):
+  @jax.jit
+  def step(params, cache, tokens):
+    (logits, _), updated = model.apply({'params': params, 'cache': cache}, tokens=tokens, train=False, decode=True,
+                                       mutable=['cache'])
+    return logits[:, -1], updated['cache']
+  return step
+
+
+def generate(model, params, prompt: np.ndarray, max_new_tokens: int, *, key, temperature: float = 1.0,
+             top_k: int = 0) -> np.ndarray:
+  """Continue `prompt` ([length] ids) by `max_new_tokens`; temperature 0 is greedy."""
+  step = decode_step_fn(model)
+  cache = init_cache(model, 1, len(prompt) + max_new_tokens)
+  logits, cache = step(params, cache, jnp.asarray(prompt, jnp.int32)[None])
+  out = []
+  for i in range(max_new_tokens):
+    if temperature == 0:
+      token = jnp.argmax(logits, axis=-1)
+    else:
+      scaled = logits / temperature
+      if top_k:
+        kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+      token = jax.random.categorical(jax.random.fold_in(key, i), scaled, axis=-1)
+    out.append(int(token[0]))
+    if i + 1 < max_new_tokens:
+      logits, cache = step(params, cache, token[:, None].astype(jnp.int32))
+  return np.asarray(out, np.int32)
+
+
+def _define(fv):
+  flags.DEFINE_string('prompt', '', 'text to continue', flag_values=fv)
+  flags.DEFINE_integer('max_new_tokens', 100, 'tokens to generate', flag_values=fv)
+  flags.DEFINE_float('temperature', 0.8, 'sampling temperature (0 = greedy)', flag_values=fv)
+  flags.DEFINE_integer('top_k', 0, 'sample among the k most likely tokens (0 = all)', flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'sampling seed', flag_values=fv)
+
+
+@config_lib.cli
+def main(argv):
+  fv = config_lib.parse_flags(argv, _define, config_from_workdir=True)
+  distributed.maybe_initialize()
+  from train import restore
+  setup, state = restore.load_run(fv.config, fv.workdir)
+  tokenizer = setup.dataset.tokenizer
+  prompt = tokenizer.encode_prompt(fv.prompt)
+  if prompt.size == 0:
+    prompt = np.asarray([tokenizer.eos_id], np.int32)   # an empty prompt starts a new document
+  max_len = fv.config.model.get('max_len')
+  if max_len is not None and fv.config.model.get('positions', 'learned') == 'learned' \
+      and prompt.size + fv.max_new_tokens > max_len:
+    raise config_lib.ConfigError(f'prompt ({prompt.size} tokens) + --max_new_tokens={fv.max_new_tokens} '
+                                 f'exceeds model.max_len={max_len}')
+  ids = generate(setup.model, state['params'], prompt, fv.max_new_tokens, key=jax.random.key(fv.seed),
+                 temperature=fv.temperature, top_k=fv.top_k)
+  if jax.process_index() == 0:
+    sys.stdout.write(fv.prompt + tokenizer.decode(ids) + '\n')
+
+
+if __name__ == '__main__':
+  main()
