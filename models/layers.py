@@ -61,10 +61,10 @@ class Embed(nn.Module):
   vocab_size: int
   features: int
   dtype: Dtype = jnp.float32
-  init: Initializer = default_init
+  embedding_init: Initializer = default_init
 
   def setup(self):
-    self.embedding = self.param('embedding', logical(self.init, ('vocab', 'embed')),
+    self.embedding = self.param('embedding', logical(self.embedding_init, ('vocab', 'embed')),
                                 (self.vocab_size, self.features), jnp.float32)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:

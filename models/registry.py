@@ -13,6 +13,7 @@ objective, the rest are logged as metrics. Decoder LMs take `tokens` [batch, seq
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import flax.linen as nn
@@ -107,13 +108,13 @@ def abstract_variables(module: LanguageModel, batch_size: int = 1, seq_len: int 
 
 
 def param_counts(module: LanguageModel) -> dict[str, int]:
-  """Total parameters, and those outside token embeddings/readout (any array with a `vocab` axis)."""
+  """Total parameters, and those outside token/position embeddings and readout (a `vocab` or `pos` axis)."""
   params = abstract_variables(module)['params']
   total = non_embedding = 0
   for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
-    size = int(jnp.size(nn.meta.unbox(leaf)))
+    size = math.prod(nn.meta.unbox(leaf).shape)
     total += size
     names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
-    if 'vocab' not in names:
+    if not {'vocab', 'pos'} & set(names):
       non_embedding += size
   return {'params': total, 'non_embedding_params': non_embedding}

@@ -19,6 +19,10 @@ UNK = '<unk>'
 KINDS = ('byte', 'char', 'word', 'bpe', 'wordpiece')
 
 
+def with_eos(ids, eos_id: int) -> np.ndarray:
+  return np.concatenate([np.asarray(ids, np.int32), np.asarray([eos_id], np.int32)])
+
+
 class Tokenizer:
   kind: str
   vocab_size: int
@@ -51,7 +55,7 @@ class ByteTokenizer(Tokenizer):
   eos_id = 256
 
   def encode(self, text):
-    return np.append(np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32), self.eos_id)
+    return with_eos(np.frombuffer(text.encode('utf-8'), np.uint8), self.eos_id)
 
   def decode(self, ids):
     return bytes(int(i) for i in ids if 0 <= i < 256).decode('utf-8', errors='replace')
@@ -118,7 +122,12 @@ class WordTokenizer(VocabTokenizer):
     return np.asarray(self.ids(text.split()), np.int32)
 
   def decode(self, ids):
-    return ' '.join('\n' if i == self.eos_id else self.symbols[i] for i in ids).replace(' \n ', '\n')
+    pieces = []
+    for i in ids:
+      if i != self.eos_id and pieces and pieces[-1] != '\n':
+        pieces.append(' ')
+      pieces.append('\n' if i == self.eos_id else self.symbols[i])
+    return ''.join(pieces)
 
 
 class HFTokenizer(Tokenizer):
@@ -149,7 +158,7 @@ class HFTokenizer(Tokenizer):
     return cls(kind, tok)
 
   def encode(self, text):
-    return np.append(np.asarray(self.tokenizer.encode(text).ids, np.int32), self.eos_id)
+    return with_eos(self.tokenizer.encode(text).ids, self.eos_id)
 
   def decode(self, ids):
     return self.tokenizer.decode([int(i) for i in ids if i != self.eos_id])

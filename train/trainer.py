@@ -176,7 +176,7 @@ class Trainer:
       updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
       new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                    'opt_state': opt_state, 'rng': state['rng'], 'model_state': model_state}
-      step_metrics = {'loss': nll.sum() / total_weight, 'grad_norm': optax.global_norm(grads),
+      step_metrics = {'loss': nll.sum() / total_weight, 'grad_norm': optax.tree.norm(grads),
                       'lr': schedule(state['step']), **{k: v.mean() for k, v in aux.items()}}
       return new_state, step_metrics
 

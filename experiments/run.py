@@ -1,0 +1,156 @@
+"""Train a list of configs and write a results table (and loss curves) under results/.
+
+  python -m experiments.run --name wikitext2-baseline \\
+      --configs experiments/configs/wikitext2_transformer.py [--override train.steps=100 ...]
+
+For each config: `python -m train` in runs/<name>/<config>, then `python -m train.evaluate` on the
+valid and test splits. Rows are kept in results/<name>.json (re-running a config replaces its row)
+and rendered to results/<name>.md with the command, commit, hardware and date of every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+
+COLUMNS = ('model', 'params', 'non_embedding_params', 'steps', 'train_tokens', 'valid_ppl', 'test_ppl',
+           'valid_bpb', 'test_bpb', 'tokens_per_sec', 'train_time_s')
+
+
+def git_commit() -> str:
+  try:
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True,
+                           text=True).stdout.strip()
+    return commit + ('-dirty' if dirty else '')
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+def hardware() -> str:
+  import jax
+  device = jax.devices()[0]
+  return f'{jax.device_count()}x {device.device_kind} ({device.platform}), {os.cpu_count()} host cores, {platform.machine()}'
+
+
+def run(cmd: list[str]) -> str:
+  print('$', ' '.join(cmd), flush=True)
+  out = subprocess.run(cmd, capture_output=True, text=True)
+  if out.returncode:
+    sys.stderr.write(out.stderr[-3000:])
+    raise SystemExit(f'command failed ({out.returncode}): {" ".join(cmd)}')
+  return out.stdout
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def train_and_evaluate(config_path: str, workdir: str, overrides: list[str]) -> dict:
+  flags = [f'--config.{o}' for o in overrides]
+  train_cmd = [sys.executable, '-m', 'train', '--config', config_path, '--workdir', workdir, *flags]
+  start = datetime.datetime.now()
+  run(train_cmd)
+  train_time = (datetime.datetime.now() - start).total_seconds()
+  evals = {}
+  for split in ('valid', 'test'):
+    line = run([sys.executable, '-m', 'train.evaluate', '--workdir', workdir, '--split', split]).strip().splitlines()[-1]
+    evals[split] = json.loads(line)
+  records = read_metrics(workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  first = records[0]
+  speeds = [r['tokens_per_sec'] for r in records if 'tokens_per_sec' in r]
+  t = config['train']
+  return {
+      'name': pathlib.Path(config_path).stem, 'model': config['model']['name'],
+      'params': first.get('params'), 'non_embedding_params': first.get('non_embedding_params'),
+      'steps': evals['valid']['step'], 'train_tokens': evals['valid']['step'] * t['batch_size'] * t['seq_len'],
+      'valid_ppl': evals['valid']['ppl'], 'test_ppl': evals['test']['ppl'],
+      'valid_bpb': evals['valid']['bpb'], 'test_bpb': evals['test']['bpb'],
+      'tokens_per_sec': statistics.median(speeds) if speeds else None, 'train_time_s': round(train_time),
+      'command': ' '.join(['python -m train', '--config', config_path, '--workdir', workdir, *flags]),
+      'commit': git_commit(), 'hardware': hardware(), 'date': datetime.date.today().isoformat(),
+  }
+
+
+def fmt(value) -> str:
+  if isinstance(value, float):
+    return f'{value:.4g}' if abs(value) < 1e4 else f'{value:,.0f}'
+  if isinstance(value, int):
+    return f'{value:,}'
+  return '' if value is None else str(value)
+
+
+def render(name: str, rows: list[dict], plot: str | None) -> str:
+  lines = [f'# {name}', '', 'Produced by `python -m experiments.run` (see each row\'s command). Perplexity is per '
+           'token of the run\'s tokenizer; bits per byte is total NLL over the split\'s UTF-8 bytes '
+           '(comparable across tokenizers). tokens/sec is the median over logged windows, compilation excluded.', '',
+           '| config | ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * (len(COLUMNS) + 1)]
+  for r in rows:
+    lines.append(f'| {r["name"]} | ' + ' | '.join(fmt(r.get(c)) for c in COLUMNS) + ' |')
+  lines += ['', '| config | command | commit | hardware | date |', '|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f'| {r["name"]} | `{r["command"]}` | {r["commit"]} | {r["hardware"]} | {r["date"]} |')
+  if plot:
+    lines += ['', f'![training loss]({os.path.basename(plot)})']
+  return '\n'.join(lines) + '\n'
+
+
+def plot_curves(rows: list[dict], path: str) -> str | None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for r in rows:
+    workdir = r['command'].split('--workdir ')[1].split()[0]
+    if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+      continue
+    records = read_metrics(workdir)
+    train = [(x['step'], x['loss']) for x in records if 'loss' in x]
+    evals = [(x['step'], x['eval_loss']) for x in records if 'eval_loss' in x]
+    line, = ax.plot(*zip(*train), label=f'{r["name"]} train')
+    if evals:
+      ax.plot(*zip(*evals), 'o--', color=line.get_color(), label=f'{r["name"]} valid')
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (nats/token)')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return path
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--name', required=True, help='results/<name>.md')
+  parser.add_argument('--configs', required=True, help='comma-separated config files')
+  parser.add_argument('--override', nargs='*', default=[], help='key=value applied to every config')
+  parser.add_argument('--runs', default='runs', help='parent of the run directories')
+  parser.add_argument('--results', default='results')
+  args = parser.parse_args()
+  os.makedirs(args.results, exist_ok=True)
+  table = os.path.join(args.results, f'{args.name}.json')
+  rows = json.load(open(table)) if os.path.exists(table) else []
+  for config_path in args.configs.split(','):
+    workdir = os.path.abspath(os.path.join(args.runs, args.name, pathlib.Path(config_path).stem))
+    row = train_and_evaluate(config_path, workdir, args.override)
+    rows = [r for r in rows if r['name'] != row['name']] + [row]
+    with open(table, 'w') as f:
+      json.dump(rows, f, indent=1)
+  plot = plot_curves(rows, os.path.join(args.results, f'{args.name}.png'))
+  with open(os.path.join(args.results, f'{args.name}.md'), 'w') as f:
+    f.write(render(args.name, rows, plot))
+  print(open(os.path.join(args.results, f'{args.name}.md')).read())
+
+
+if __name__ == '__main__':
+  main()

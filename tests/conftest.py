@@ -1,0 +1,67 @@
+import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ['WANDB_MODE'] = 'disabled'
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / 'shared' / 'data'
+
+
+def tiny_config(**overrides):
+  """A seconds-long run of a tiny baseline on the embedded stdlib corpus."""
+  from train.config import default_config
+  c = default_config('transformer')
+  c.model.update(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32)
+  c.train.update(steps=6, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, log_every=1, eval_every=1000,
+                 eval_batches=2)
+  c.checkpoint.update(every=3, keep=5, async_save=False)
+  c.mesh.update(data=1)
+  c.wandb.mode = 'disabled'
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='session')
+def cache_dir(tmp_path_factory):
+  """Tokenized corpora shared by every test (tokenizing is deterministic)."""
+  return str(tmp_path_factory.mktemp('token_cache'))
+
+
+@pytest.fixture
+def make_config(cache_dir):
+  def make(**overrides):
+    return tiny_config(**{'data.cache_dir': cache_dir, **overrides})
+  return make
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 300):
+  """Run `python -m module args` from the repository root; `env` values of None unset a variable."""
+  full_env = {**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})}
+  full_env = {k: v for k, v in full_env.items() if v is not None}
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=full_env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def config_flags(config) -> list[str]:
+  """A tiny config as command-line overrides of the quickstart config file."""
+  flat = []
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if hasattr(value, 'items'):
+        walk(value, f'{prefix}{key}.')
+      else:
+        flat.append(f'--config.{prefix}{key}={value}')
+  walk(config, '')
+  return ['--config', 'experiments/configs/quickstart.py', *flat]

@@ -1,0 +1,94 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import models
+from train import sample
+
+
+def build(**kw):
+  cfg = models.default_config('transformer')
+  cfg.update(vocab_size=50, d_model=32, num_layers=2, num_heads=4, d_ff=48, max_len=24, **kw)
+  model = models.build(cfg)
+  tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 50)
+  params = nn.meta.unbox(model.init(jax.random.key(1), tokens))['params']
+  return model, params, tokens
+
+
+VARIANTS = [dict(prenorm=True, positions='learned'), dict(prenorm=False, positions='rope'),
+            dict(prenorm=True, positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False, tied_embeddings=False)]
+
+
+@pytest.mark.parametrize('kw', VARIANTS)
+def test_shapes_and_causality(kw):
+  model, params, tokens = build(**kw)
+  logits, aux = model.apply({'params': params}, tokens)
+  assert logits.shape == (2, 24, 50) and aux == {}
+  t = 10
+  perturbed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 50)
+  logits2, _ = model.apply({'params': params}, perturbed)
+  np.testing.assert_allclose(logits[:, :t + 1], logits2[:, :t + 1], atol=1e-5)
+  assert not np.allclose(logits[:, t + 1:], logits2[:, t + 1:], atol=1e-3)
+
+
+def analytic_params(v, d, layers, ff, max_len):
+  per_layer = 4 * (d * d + d) + (d * ff + ff) + (ff * d + d) + 2 * 2 * d
+  return v * d + max_len * d + layers * per_layer + 2 * d
+
+
+def test_param_count_matches_formula():
+  cfg = models.default_config('transformer')
+  cfg.update(vocab_size=1000, d_model=64, num_layers=3, num_heads=4, d_ff=256, max_len=128)
+  counts = models.param_counts(models.build(cfg))
+  assert counts['params'] == analytic_params(1000, 64, 3, 256, 128)
+  assert counts['non_embedding_params'] == counts['params'] - 1000 * 64 - 128 * 64
+
+
+def test_flops_per_token_close_to_compiler_count():
+  """The analytic matmul count against XLA's own (which also counts elementwise work and the full,
+  unmasked attention matrix): within a few percent at a shape where matmuls dominate."""
+  cfg = models.default_config('transformer')
+  cfg.update(vocab_size=512, d_model=256, num_layers=2, num_heads=4, d_ff=1024, max_len=64)
+  model = models.build(cfg)
+  tokens = jnp.zeros((4, 64), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(0), tokens))['params']
+  xla = jax.jit(lambda p, x: model.apply({'params': p}, x)[0]).lower(params, tokens).compile().cost_analysis()
+  xla_per_token = xla['flops'] / tokens.size
+  full_attention_extra = 2 * 2 * 256 * 64 / 2 * 2   # the causal half XLA also counts, per layer
+  assert 0.95 < (model.forward_flops_per_token(64) + full_attention_extra) / xla_per_token < 1.1
+  assert model.flops_per_token(64) == 3 * model.forward_flops_per_token(64)
+
+
+@pytest.mark.parametrize('kw', VARIANTS[:2])
+def test_cached_generation_equals_full_forward(kw):
+  model, params, tokens = build(**kw)
+  prompt = np.asarray(tokens[0, :5])
+  generated = sample.generate(model, params, prompt, 10, key=jax.random.key(0), temperature=0)
+  seq = list(prompt)
+  for _ in range(10):   # greedy decoding by recomputing the whole prefix each time
+    logits, _ = model.apply({'params': params}, jnp.asarray(seq)[None])
+    seq.append(int(jnp.argmax(logits[0, -1])))
+  np.testing.assert_array_equal(generated, seq[5:])
+
+
+def test_every_parameter_has_logical_axis_names():
+  model, _, _ = build()
+  boxed = models.abstract_variables(model)['params']
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim for x in leaves)
+
+
+def test_registry_rejects_unknown_names_and_keys():
+  with pytest.raises(ValueError, match='not registered'):
+    models.model_class('nope')
+  cfg = models.default_config('transformer')
+  cfg.bogus = 1
+  with pytest.raises(ValueError, match='model.bogus'):
+    models.build(cfg)
+  cfg = models.default_config('transformer')
+  cfg.num_heads = 3
+  with pytest.raises(ValueError, match='num_heads'):
+    models.build(cfg)
