@@ -47,7 +47,7 @@ def make_config(cache_dir):
 
 def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 300):
   """Run `python -m module args` from the repository root; `env` values of None unset a variable."""
-  full_env = {**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})}
+  full_env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), str(ROOT / 'tests')]), **(env or {})}
   full_env = {k: v for k, v in full_env.items() if v is not None}
   return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=full_env, capture_output=True,
                         text=True, timeout=timeout)

@@ -34,13 +34,16 @@ def decode_step_fn(model):
 
 
 def generate(model, params, prompt: np.ndarray, max_new_tokens: int, *, key, temperature: float = 1.0,
-             top_k: int = 0) -> np.ndarray:
-  """Continue `prompt` ([length] ids) by `max_new_tokens`; temperature 0 is greedy."""
+             top_k: int = 0, vocab_limit: int | None = None) -> np.ndarray:
+  """Continue `prompt` ([length] ids) by `max_new_tokens`; temperature 0 is greedy.
+  Ids from `vocab_limit` on (vocabulary padding) are never produced."""
+  from train.trainer import mask_padded_vocab
   step = decode_step_fn(model)
   cache = init_cache(model, 1, len(prompt) + max_new_tokens)
   logits, cache = step(params, cache, jnp.asarray(prompt, jnp.int32)[None])
   out = []
   for i in range(max_new_tokens):
+    logits = mask_padded_vocab(logits, vocab_limit or logits.shape[-1])
     if temperature == 0:
       token = jnp.argmax(logits, axis=-1)
     else:
@@ -79,7 +82,7 @@ def main(argv):
     raise config_lib.ConfigError(f'prompt ({prompt.size} tokens) + --max_new_tokens={fv.max_new_tokens} '
                                  f'exceeds model.max_len={max_len}')
   ids = generate(setup.model, state['params'], prompt, fv.max_new_tokens, key=jax.random.key(fv.seed),
-                 temperature=fv.temperature, top_k=fv.top_k)
+                 temperature=fv.temperature, top_k=fv.top_k, vocab_limit=setup.vocab_limit)
   if jax.process_index() == 0:
     sys.stdout.write(fv.prompt + tokenizer.decode(ids) + '\n')
 

@@ -41,9 +41,17 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
   return optimizer, schedule
 
 
-def weighted_nll(logits, targets, weights):
+def mask_padded_vocab(logits, vocab_limit: int):
+  """Ids at or beyond the tokenizer's vocabulary (padding for sharding) get no probability."""
+  if vocab_limit >= logits.shape[-1]:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -1e9)
+
+
+def weighted_nll(logits, targets, weights, vocab_limit: int):
   """(sum of weighted token NLLs, sum of weights), in float32."""
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  logits = mask_padded_vocab(logits.astype(jnp.float32), vocab_limit)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   return (nll * weights).sum(), weights.sum()
 
 
@@ -73,10 +81,11 @@ class Setup:
           f'train.batch_size / train.grad_accum = {micro} does not divide over mesh.data x mesh.fsdp = {batch_shards}')
     model_cls = models.model_class(config.model.name)
     self.dataset = data.Dataset(config, workdir, fmt=model_cls.batch_format)
-    vocab = self.dataset.tokenizer.vocab_size
-    if config.model.vocab_size == 0:
+    vocab = self.vocab_limit = self.dataset.tokenizer.vocab_size
+    if config.model.vocab_size == 0:   # padded so the vocab axis divides over the tensor axis
+      tensor = self.mesh.shape['tensor']
       with config.unlocked():
-        config.model.vocab_size = vocab
+        config.model.vocab_size = -(-vocab // tensor) * tensor
     elif config.model.vocab_size < vocab:
       raise config_lib.ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                                    f'tokenizer vocabulary ({vocab})')
@@ -99,6 +108,14 @@ class Setup:
   def _layout(self):
     boxed = jax.eval_shape(self._init_state, jax.random.key(0))
     self.state_shardings = sharding.logical_shardings(boxed, self.mesh)
+    for (path, leaf), shard in zip(jax.tree_util.tree_leaves_with_path(nn.meta.unbox(boxed)),
+                                   jax.tree.leaves(self.state_shardings)):
+      try:
+        shard.shard_shape(leaf.shape)
+      except ValueError as e:
+        raise config_lib.ConfigError(f'{jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be split as '
+                                     f'{shard.spec} on mesh {dict(self.mesh.shape)}: change the model '
+                                     'width or the mesh') from None
     self.abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                        nn.meta.unbox(boxed), self.state_shardings)
     self.param_counts = models.param_counts(self.model)
@@ -112,12 +129,12 @@ class Setup:
 
   # ------------------------------------------------------------------------------------- evaluation
   def make_eval_step(self):
-    model, seed = self.model, self.config.seed
+    model, seed, vocab_limit = self.model, self.config.seed, self.vocab_limit
 
     def eval_step(params, model_state, batch):
       rngs = stream_keys(model, jax.random.key(seed))
       logits, _ = model.apply({'params': params, **model_state}, **model_inputs(batch), train=False, rngs=rngs)
-      return weighted_nll(logits, batch['targets'], batch['weights'])
+      return weighted_nll(logits, batch['targets'], batch['weights'], vocab_limit)
 
     return jax.jit(eval_step)
 
@@ -143,6 +160,7 @@ class Trainer:
 
   def _make_train_step(self):
     model, optimizer, schedule = self.setup.model, self.setup.optimizer, self.setup.schedule
+    vocab_limit = self.setup.vocab_limit
     accum = self.config.train.grad_accum
 
     def micro_objective(params, model_state, micro, key, total_weight):
@@ -150,7 +168,7 @@ class Trainer:
       out = model.apply({'params': params, **model_state}, **model_inputs(micro), train=True,
                         rngs=stream_keys(model, key), mutable=mutable or False)
       (logits, aux), new_model_state = out if mutable else (out, {})
-      nll, _ = weighted_nll(logits, micro['targets'], micro['weights'])
+      nll, _ = weighted_nll(logits, micro['targets'], micro['weights'], vocab_limit)
       aux_loss = sum((v for k, v in aux.items() if k.startswith('loss/')), jnp.zeros(()))
       return nll / total_weight + aux_loss / accum, (nll, aux, dict(new_model_state))
 
