@@ -6,7 +6,7 @@ QUICK = ['--config', 'experiments/configs/quickstart.py', '--workdir', '/tmp/seq
 
 CASES = {
     'unknown key': (['--config.train.stepz=3'], "unknown config key --config.train.stepz (did you mean 'steps'?)"),
-    'unknown model key': (['--config.model.heads=3'], 'model.heads is not a key of model'),
+    'unknown model key': (['--config.model.heads=3'], 'unknown config key --config.model.heads'),
     'heads do not divide width': (['--config.model.num_heads=3'], 'model.num_heads=3 does not divide model.d_model=128'),
     'mesh does not match devices': (['--config.mesh.data=3'], "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices"),
     'missing data directory': (['--config.data.corpus=text', '--config.data.dir=/no/such/dir'],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from train import config as config_lib, distributed
 
@@ -15,6 +16,10 @@ def main(argv):
   result = trainer.Trainer(fv.config, fv.workdir).run()
   import jax
   if jax.process_index() == 0:
+    if 'eval_ppl' in result:
+      print(f"step {result['step']}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f} "
+            f"(uniform over the vocabulary: {fv.config.model.vocab_size}), bits per byte {result['eval_bpb']:.3f}",
+            file=sys.stderr)
     print(json.dumps(result))
 
 

@@ -7,15 +7,15 @@ renames it only once complete, so a save killed half-way is never listed and nev
 
 from __future__ import annotations
 
-import os
-
 import orbax.checkpoint as ocp
+
+from train import paths
 
 
 class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool):
-    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')   # orbax needs absolute paths
+    directory = paths.workdir_path(workdir, 'checkpoints')   # absolute (orbax needs it) or a bucket URL
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))

@@ -96,11 +96,11 @@ def build_model(config, vocab_size: int | None = None) -> models.LanguageModel:
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  from train import paths
+  path = paths.workdir_path(workdir, 'config.json')
+  if not path.exists():
     raise ConfigError(f'{path} not found: --workdir must be a directory written by python -m train')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def parse_flags(argv: Sequence[str], define: Callable[[flags.FlagValues], None], *,

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from train import tokenizers
+from train import paths, tokenizers
 
 SPLITS = ('train', 'valid', 'test')
 CORPORA = ('stdlib', 'text', 'wikitext2', 'documents')
@@ -142,8 +142,8 @@ def tokenizer_fingerprint(tokenizer: tokenizers.Tokenizer) -> str:
 
 def load_or_train_tokenizer(data_config, workdir: str) -> tokenizers.Tokenizer:
   """The workdir's tokenizer if one was saved, else one trained on the train split (and saved)."""
-  directory = os.path.join(workdir, 'tokenizer')
-  if os.path.exists(os.path.join(directory, 'tokenizer.json')):
+  directory = paths.workdir_path(workdir, 'tokenizer')
+  if (directory / 'tokenizer.json').exists():
     return tokenizers.load_tokenizer(directory)
   if data_config.tokenizer not in tokenizers.KINDS:
     raise DataError(f'data.tokenizer={data_config.tokenizer!r} is not one of {", ".join(tokenizers.KINDS)}')
@@ -242,7 +242,7 @@ class Dataset:
     self.global_batch = config.train.batch_size
     self.seq_len = config.train.seq_len
     self.format = fmt
-    self.cache_dir = config.data.cache_dir or os.path.join(workdir, 'cache')
+    self.cache_dir = config.data.cache_dir or paths.local_dir(workdir, 'cache')
     if not config.data.corpus.startswith('tfds:'):
       corpus_files(config.data)   # missing directories and files fail here, before any compiling
     self.tokenizer = load_or_train_tokenizer(config.data, workdir)

@@ -10,6 +10,8 @@ import uuid
 
 import jax
 
+from train import paths
+
 # Dense bf16 peak FLOP/s per device, for MFU. CPU: the measured fp32 matmul roofline of the 2-core
 # project machines (numpy 4096^2, ../shared/specs/jax-ecosystem.md section 9); override with
 # train.peak_flops_per_device on other hosts.
@@ -46,7 +48,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, config, *, run_id: str, total_steps: int, initial_step: int):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = paths.workdir_path(workdir, 'metrics.jsonl')
     self.wandb_run = None
     self.bar = None
     if not self.active:
@@ -65,9 +67,11 @@ class MetricsWriter:
       self.note('wandb: no credentials found, logging offline (wandb sync DIR/wandb later)')
     try:
       import wandb
+      wandb_dir = os.path.abspath(paths.local_dir(workdir, ''))
+      os.makedirs(wandb_dir, exist_ok=True)
       self.wandb_run = wandb.init(
           project=config.wandb.project, entity=config.wandb.entity or None, name=config.wandb.name or None,
-          id=run_id, resume='allow', mode=mode, dir=os.path.abspath(workdir), config=config.to_dict())
+          id=run_id, resume='allow', mode=mode, dir=wandb_dir, config=config.to_dict())
     except Exception as e:  # noqa: BLE001 - logging must never stop training
       self.note(f'wandb: disabled after an error in init: {" ".join(str(e).split())[:200]}')
 
@@ -79,7 +83,7 @@ class MetricsWriter:
     if not self.active:
       return
     record = {'step': int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    with open(self.path, 'a') as f:
+    with self.path.open('a') as f:
       f.write(json.dumps(record) + '\n')
     if self.wandb_run is not None:
       try:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 from typing import Iterable, Sequence
 
 import numpy as np
+from etils import epath
 
 EOS = '<eos>'
 UNK = '<unk>'
@@ -42,10 +42,10 @@ class Tokenizer:
   def state(self) -> dict:
     return {}
 
-  def save(self, directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, 'tokenizer.json'), 'w') as f:
-      json.dump({'kind': self.kind, **self.state()}, f)
+  def save(self, directory) -> None:
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / 'tokenizer.json').write_text(json.dumps({'kind': self.kind, **self.state()}))
 
 
 class ByteTokenizer(Tokenizer):
@@ -180,9 +180,8 @@ def train_tokenizer(kind: str, texts: Sequence[str], vocab_size: int) -> Tokeniz
   raise ValueError(f'data.tokenizer={kind!r} is not one of {", ".join(KINDS)}')
 
 
-def load_tokenizer(directory: str) -> Tokenizer:
-  with open(os.path.join(directory, 'tokenizer.json')) as f:
-    state = json.load(f)
+def load_tokenizer(directory) -> Tokenizer:
+  state = json.loads((epath.Path(directory) / 'tokenizer.json').read_text())
   kind = state['kind']
   if kind == 'byte':
     return ByteTokenizer()

@@ -9,7 +9,6 @@ variable collections a model declares (controllers, running statistics), updated
 from __future__ import annotations
 
 import math
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ import numpy as np
 import optax
 
 import models
-from train import checkpoint, config as config_lib, data, metrics as metrics_lib, sharding
+from train import checkpoint, config as config_lib, data, metrics as metrics_lib, paths, sharding
 
 LN2 = math.log(2.0)
 NOT_INPUTS = ('targets', 'weights')
@@ -213,10 +212,9 @@ class Trainer:
 
   def run(self) -> dict:
     setup, config, t = self.setup, self.config, self.config.train
-    os.makedirs(self.workdir, exist_ok=True)
     if jax.process_index() == 0:
-      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json(indent=2))
+      paths.workdir_path(self.workdir).mkdir(parents=True, exist_ok=True)
+      paths.workdir_path(self.workdir, 'config.json').write_text(config.to_json(indent=2))
     ckpt = checkpoint.Checkpointer(self.workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     latest = ckpt.latest_step()
     if latest is not None:
