@@ -3,8 +3,8 @@
   python -m experiments.run --name wikitext2-baseline \\
       --configs experiments/configs/wikitext2_transformer.py [--override train.steps=100 ...]
 
-For each config: `python -m train` in runs/<name>/<config>, then `python -m train.evaluate` on the
-valid and test splits. Rows are kept in results/<name>.json (re-running a config replaces its row)
+Run from the repository root. For each config: `python -m train` in runs/<name>/<config>, then
+`python -m train.evaluate` on the valid and test splits. Rows are kept in results/<name>.json (re-running a config replaces its row)
 and rendered to results/<name>.md with the command, commit, hardware and date of every row.
 """
 
@@ -141,7 +141,7 @@ def main():
   table = os.path.join(args.results, f'{args.name}.json')
   rows = json.load(open(table)) if os.path.exists(table) else []
   for config_path in args.configs.split(','):
-    workdir = os.path.abspath(os.path.join(args.runs, args.name, pathlib.Path(config_path).stem))
+    workdir = os.path.join(args.runs, args.name, pathlib.Path(config_path).stem)   # relative: commands stay portable
     row = train_and_evaluate(config_path, workdir, args.override)
     rows = [r for r in rows if r['name'] != row['name']] + [row]
     with open(table, 'w') as f:

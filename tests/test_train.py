@@ -1,6 +1,5 @@
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys

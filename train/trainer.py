@@ -111,7 +111,7 @@ class Setup:
                                    jax.tree.leaves(self.state_shardings)):
       try:
         shard.shard_shape(leaf.shape)
-      except ValueError as e:
+      except ValueError:
         raise config_lib.ConfigError(f'{jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be split as '
                                      f'{shard.spec} on mesh {dict(self.mesh.shape)}: change the model '
                                      'width or the mesh') from None
