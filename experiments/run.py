@@ -58,6 +58,7 @@ def read_metrics(workdir: str) -> list[dict]:
 def train_and_evaluate(config_path: str, workdir: str, overrides: list[str]) -> dict:
   flags = [f'--config.{o}' for o in overrides]
   train_cmd = [sys.executable, '-m', 'train', '--config', config_path, '--workdir', workdir, *flags]
+  commit = git_commit()   # the code the run starts from
   start = datetime.datetime.now()
   run(train_cmd)
   train_time = (datetime.datetime.now() - start).total_seconds()
@@ -79,7 +80,7 @@ def train_and_evaluate(config_path: str, workdir: str, overrides: list[str]) -> 
       'valid_bpb': evals['valid']['bpb'], 'test_bpb': evals['test']['bpb'],
       'tokens_per_sec': statistics.median(speeds) if speeds else None, 'train_time_s': round(train_time),
       'command': ' '.join(['python -m train', '--config', config_path, '--workdir', workdir, *flags]),
-      'commit': git_commit(), 'hardware': hardware(), 'date': datetime.date.today().isoformat(),
+      'commit': commit, 'hardware': hardware(), 'date': datetime.date.today().isoformat(),
   }
 
 
@@ -98,9 +99,10 @@ def render(name: str, rows: list[dict], plot: str | None) -> str:
            '| config | ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * (len(COLUMNS) + 1)]
   for r in rows:
     lines.append(f'| {r["name"]} | ' + ' | '.join(fmt(r.get(c)) for c in COLUMNS) + ' |')
-  lines += ['', '| config | command | commit | hardware | date |', '|---|---|---|---|---|']
+  lines += ['', '| config | command | commit | hardware | date | note |', '|---|---|---|---|---|---|']
   for r in rows:
-    lines.append(f'| {r["name"]} | `{r["command"]}` | {r["commit"]} | {r["hardware"]} | {r["date"]} |')
+    lines.append(f'| {r["name"]} | `{r["command"]}` | {r["commit"]} | {r["hardware"]} | {r["date"]} | '
+                 f'{r.get("note", "")} |')
   if plot:
     lines += ['', f'![training loss]({os.path.basename(plot)})']
   return '\n'.join(lines) + '\n'
@@ -132,15 +134,16 @@ def plot_curves(rows: list[dict], path: str) -> str | None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--name', required=True, help='results/<name>.md')
-  parser.add_argument('--configs', required=True, help='comma-separated config files')
+  parser.add_argument('--configs', default='', help='comma-separated config files')
   parser.add_argument('--override', nargs='*', default=[], help='key=value applied to every config')
   parser.add_argument('--runs', default='runs', help='parent of the run directories')
   parser.add_argument('--results', default='results')
+  parser.add_argument('--render', action='store_true', help='only re-render results/<name>.md from its JSON')
   args = parser.parse_args()
   os.makedirs(args.results, exist_ok=True)
   table = os.path.join(args.results, f'{args.name}.json')
   rows = json.load(open(table)) if os.path.exists(table) else []
-  for config_path in args.configs.split(','):
+  for config_path in ([] if args.render else args.configs.split(',')):
     workdir = os.path.join(args.runs, args.name, pathlib.Path(config_path).stem)   # relative: commands stay portable
     row = train_and_evaluate(config_path, workdir, args.override)
     rows = [r for r in rows if r['name'] != row['name']] + [row]
