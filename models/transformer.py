@@ -60,6 +60,7 @@ class Transformer(LanguageModel):
   positions: str = 'learned'
   use_bias: bool = True
   tied_embeddings: bool = True
+  final_norm: bool = True      # pre-LN needs it; post-LN keeps it too (as the reference parameter counts do)
   dropout: float = 0.0
   dtype: str = 'float32'
   remat: bool = False
@@ -98,7 +99,7 @@ class Transformer(LanguageModel):
       x = block_cls(self.d_model, self.num_heads, self.d_ff, self.prenorm, self.norm, self.mlp,
                     self.positions == 'rope', self.use_bias, self.dropout, dtype, out_init,
                     name=f'block_{i}')(x, mask, positions, decode, train)
-    if self.prenorm:
+    if self.final_norm:
       x = layers.norm(self.norm, dtype=dtype, use_bias=self.use_bias, name='final_norm')(x)
     if self.tied_embeddings:
       logits = embed.attend(x)

@@ -13,11 +13,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / 'shared' / 'data'
 
 
-def tiny_config(**overrides):
-  """A seconds-long run of a tiny baseline on the embedded stdlib corpus."""
+TINY_MODELS = {
+    'transformer': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32),
+    'grassmann': dict(d_model=32, num_layers=2, d_ff=64, max_len=32, rank=8, offsets=(1, 2, 4)),
+}
+
+
+def tiny_config(model='transformer', **overrides):
+  """A seconds-long run of a tiny model on the embedded stdlib corpus."""
   from train.config import default_config
-  c = default_config('transformer')
-  c.model.update(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32)
+  c = default_config(model)
+  c.model.update(**TINY_MODELS[model])
   c.train.update(steps=6, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, log_every=1, eval_every=1000,
                  eval_batches=2)
   c.checkpoint.update(every=3, keep=5, async_save=False)
@@ -40,8 +46,8 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture
 def make_config(cache_dir):
-  def make(**overrides):
-    return tiny_config(**{'data.cache_dir': cache_dir, **overrides})
+  def make(model='transformer', **overrides):
+    return tiny_config(model, **{'data.cache_dir': cache_dir, **overrides})
   return make
 
 

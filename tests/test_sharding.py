@@ -20,11 +20,12 @@ def test_mesh_shape_fills_and_rejects():
     sharding.mesh_shape({'data': -1, 'fsdp': -1, 'tensor': 1}, 8)
 
 
-def test_2x2x2_mesh_trains_like_one_device(make_config, tmp_path):
+@pytest.mark.parametrize('model', ['transformer', 'grassmann'])
+def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path):
   mesh = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
-  config = make_config(**{'train.steps': 4})
+  config = make_config(model, **{'train.steps': 4})
   single = trainer.Trainer(config, str(tmp_path / 'one')).run()
-  sharded_config = make_config(**{'train.steps': 4, **mesh})
+  sharded_config = make_config(model, **{'train.steps': 4, **mesh})
   out = run_module('train', *config_flags(sharded_config), '--workdir', str(tmp_path / 'eight'), env=EIGHT_DEVICES)
   assert out.returncode == 0, out.stderr
   sharded = json.loads(out.stdout.strip().splitlines()[-1])
@@ -32,12 +33,14 @@ def test_2x2x2_mesh_trains_like_one_device(make_config, tmp_path):
   assert sharded['eval_loss'] == pytest.approx(single['eval_loss'], rel=1e-4)
 
   # The layout the rules produce: every matrix is split over fsdp and/or tensor.
-  out = run_module('_print_specs', json.dumps({k: v for k, v in mesh.items()}), str(tmp_path / 'specs'),
-                   env=EIGHT_DEVICES)
+  out = run_module('_print_specs', json.dumps(mesh), str(tmp_path / 'specs'), model, env=EIGHT_DEVICES)
   assert out.returncode == 0, out.stderr
   specs = json.loads(out.stdout.strip().splitlines()[-1])
   assert specs["['embed']['embedding']"] == str(P('tensor', 'fsdp'))
-  assert specs["['block_0']['attention']['query']['kernel']"] == str(P('fsdp', 'tensor', None))
   assert specs["['block_0']['mlp']['down']['kernel']"] == str(P('tensor', 'fsdp'))
+  if model == 'transformer':
+    assert specs["['block_0']['attention']['query']['kernel']"] == str(P('fsdp', 'tensor', None))
+  else:
+    assert specs["['block_0']['mixing']['plucker_proj']['kernel']"] == str(P('tensor', 'fsdp'))
   unsharded_matrices = [k for k, s in specs.items() if 'kernel' in k and s == str(P())]
   assert not unsharded_matrices

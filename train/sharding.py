@@ -25,6 +25,9 @@ LOGICAL_AXIS_RULES = (
     ('kv', None),
     ('pos', None),
     ('norm', None),
+    ('rank', None),          # Grassmann reduction width (small)
+    ('plucker', 'tensor'),   # Grassmann Plücker features
+    ('gate_in', 'tensor'),   # Grassmann gate input [h; g]
     ('length', None),
     ('act_embed', None),
     ('act_heads', 'tensor'),

@@ -27,7 +27,7 @@ NOT_INPUTS = ('targets', 'weights')
 
 
 def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup and cosine decay to lr * min_lr_ratio, global-norm clipping.
+  """AdamW with linear warmup and cosine decay to lr * min_lr_ratio, global-norm clipping (grad_clip 0 = off).
   Weight decay applies to matrices only (not norms or biases)."""
   warmup = min(t.warmup_steps, t.steps)
   schedule = optax.warmup_cosine_decay_schedule(
@@ -35,7 +35,7 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
       end_value=t.lr * t.min_lr_ratio)
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
   optimizer = optax.chain(
-      optax.clip_by_global_norm(t.grad_clip),
+      optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
       optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
   return optimizer, schedule
 
