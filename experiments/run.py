@@ -1,7 +1,8 @@
 """Train a list of configs and write a results table (and loss curves) under results/.
 
   python -m experiments.run --name wikitext2-baseline \\
-      --configs experiments/configs/wikitext2_transformer.py [--override train.steps=100 ...]
+      --configs experiments/configs/wikitext2_transformer.py [more configs, FILE:ARG allowed] \\
+      [--override train.steps=100 ...]
 
 Run from the repository root. For each config: `python -m train` in runs/<name>/<config>, then
 `python -m train.evaluate` on the valid and test splits. Rows are kept in results/<name>.json (re-running a config replaces its row)
@@ -20,8 +21,14 @@ import statistics
 import subprocess
 import sys
 
-COLUMNS = ('model', 'params', 'non_embedding_params', 'steps', 'train_tokens', 'valid_ppl', 'test_ppl',
-           'valid_bpb', 'test_bpb', 'tokens_per_sec', 'train_time_s')
+COLUMNS = ('model', 'params', 'non_embedding_params', 'steps', 'train_tokens', 'best_valid_ppl', 'valid_ppl',
+           'test_ppl', 'ratio_to_first', 'valid_bpb', 'test_bpb', 'tokens_per_sec', 'train_time_s')
+
+
+def run_name(config_path: str) -> str:
+  """experiments/configs/x.py:tiny,a -> x-tiny-a"""
+  file, _, arg = config_path.partition(':')
+  return '-'.join([pathlib.Path(file).stem, *[a for a in arg.split(',') if a]])
 
 
 def git_commit() -> str:
@@ -73,10 +80,10 @@ def train_and_evaluate(config_path: str, workdir: str, overrides: list[str]) -> 
   speeds = [r['tokens_per_sec'] for r in records if 'tokens_per_sec' in r]
   t = config['train']
   return {
-      'name': pathlib.Path(config_path).stem, 'model': config['model']['name'],
+      'name': run_name(config_path), 'model': config['model']['name'],
       'params': first.get('params'), 'non_embedding_params': first.get('non_embedding_params'),
       'steps': evals['valid']['step'], 'train_tokens': evals['valid']['step'] * t['batch_size'] * t['seq_len'],
-      'valid_ppl': evals['valid']['ppl'], 'test_ppl': evals['test']['ppl'],
+      'valid_ppl': evals['valid']['ppl'], 'test_ppl': evals['test']['ppl'], 'valid_tokens': evals['valid']['tokens'],
       'valid_bpb': evals['valid']['bpb'], 'test_bpb': evals['test']['bpb'],
       'tokens_per_sec': statistics.median(speeds) if speeds else None, 'train_time_s': round(train_time),
       'command': ' '.join(['python -m train', '--config', config_path, '--workdir', workdir, *flags]),
@@ -92,10 +99,31 @@ def fmt(value) -> str:
   return '' if value is None else str(value)
 
 
+def workdir_of(row: dict) -> str:
+  return row['command'].split('--workdir ')[1].split()[0]
+
+
+def best_valid_ppl(row: dict) -> float:
+  """The lowest whole-validation-split perplexity: the final evaluation, or any during training that
+  covered as many tokens (eval_batches=0)."""
+  candidates = [row['valid_ppl']]
+  path = os.path.join(workdir_of(row), 'metrics.jsonl')
+  if row.get('valid_tokens') and os.path.exists(path):
+    candidates += [r['eval_ppl'] for r in read_metrics(workdir_of(row))
+                   if 'eval_ppl' in r and r['eval_tokens'] >= row['valid_tokens']]
+  return min(candidates)
+
+
 def render(name: str, rows: list[dict], plot: str | None) -> str:
+  for r in rows:
+    r['best_valid_ppl'] = best_valid_ppl(r)
+    r['ratio_to_first'] = r['best_valid_ppl'] / rows[0]['best_valid_ppl']
   lines = [f'# {name}', '', 'Produced by `python -m experiments.run` (see each row\'s command). Perplexity is per '
            'token of the run\'s tokenizer; bits per byte is total NLL over the split\'s UTF-8 bytes '
-           '(comparable across tokenizers). tokens/sec is the median over logged windows, compilation excluded.', '',
+           '(comparable across tokenizers). best_valid_ppl is the lowest whole-validation-split perplexity among '
+           'the evaluations during training (the final checkpoint gives valid_ppl/test_ppl); ratio_to_first is '
+           'best_valid_ppl over the first row\'s. tokens/sec is the median over logged windows, compilation '
+           'excluded.', '',
            '| config | ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * (len(COLUMNS) + 1)]
   for r in rows:
     lines.append(f'| {r["name"]} | ' + ' | '.join(fmt(r.get(c)) for c in COLUMNS) + ' |')
@@ -114,7 +142,7 @@ def plot_curves(rows: list[dict], path: str) -> str | None:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4))
   for r in rows:
-    workdir = r['command'].split('--workdir ')[1].split()[0]
+    workdir = workdir_of(r)
     if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
       continue
     records = read_metrics(workdir)
@@ -134,7 +162,7 @@ def plot_curves(rows: list[dict], path: str) -> str | None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--name', required=True, help='results/<name>.md')
-  parser.add_argument('--configs', default='', help='comma-separated config files')
+  parser.add_argument('--configs', nargs='*', default=[], help='config files (FILE or FILE:ARG)')
   parser.add_argument('--override', nargs='*', default=[], help='key=value applied to every config')
   parser.add_argument('--runs', default='runs', help='parent of the run directories')
   parser.add_argument('--results', default='results')
@@ -143,8 +171,8 @@ def main():
   os.makedirs(args.results, exist_ok=True)
   table = os.path.join(args.results, f'{args.name}.json')
   rows = json.load(open(table)) if os.path.exists(table) else []
-  for config_path in ([] if args.render else args.configs.split(',')):
-    workdir = os.path.join(args.runs, args.name, pathlib.Path(config_path).stem)   # relative: commands stay portable
+  for config_path in ([] if args.render else args.configs):
+    workdir = os.path.join(args.runs, args.name, run_name(config_path))   # relative: commands stay portable
     row = train_and_evaluate(config_path, workdir, args.override)
     rows = [r for r in rows if r['name'] != row['name']] + [row]
     with open(table, 'w') as f:

@@ -15,7 +15,7 @@ SHARED_DATA = ROOT.parent / 'shared' / 'data'
 
 TINY_MODELS = {
     'transformer': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32),
-    'grassmann': dict(d_model=32, num_layers=2, d_ff=64, max_len=32, rank=8, offsets=(1, 2, 4)),
+    'grassmann': dict(d_model=32, num_layers=2, d_ff=64, max_len=32, rank=8, offsets=(1, 2, 4), dropout=0.0),
 }
 
 
@@ -59,8 +59,15 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
                         text=True, timeout=timeout)
 
 
+# A config file per model with the same keys as `tiny_config(model)`: the overrides set every value.
+BASE_CONFIG_FILES = {
+    'transformer': 'experiments/configs/quickstart.py',
+    'grassmann': 'experiments/configs/grassmann_wikitext2.py:tiny,grassmann,wordpiece',
+}
+
+
 def config_flags(config) -> list[str]:
-  """A tiny config as command-line overrides of the quickstart config file."""
+  """A tiny config as command-line overrides of a config file for its model."""
   flat = []
 
   def walk(node, prefix):
@@ -70,4 +77,4 @@ def config_flags(config) -> list[str]:
       else:
         flat.append(f'--config.{prefix}{key}={value}')
   walk(config, '')
-  return ['--config', 'experiments/configs/quickstart.py', *flat]
+  return ['--config', BASE_CONFIG_FILES[config.model.name], *flat]

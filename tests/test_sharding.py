@@ -28,9 +28,14 @@ def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path):
   sharded_config = make_config(model, **{'train.steps': 4, **mesh})
   out = run_module('train', *config_flags(sharded_config), '--workdir', str(tmp_path / 'eight'), env=EIGHT_DEVICES)
   assert out.returncode == 0, out.stderr
+  losses = lambda run: [r['loss'] for r in map(json.loads, open(tmp_path / run / 'metrics.jsonl')) if 'loss' in r]
+  # Step 1 sees identical parameters and data: only summation order differs. Later steps add up
+  # rounding through the optimizer (Grassmann's Plücker normalisation amplifies it while the reduced
+  # vectors are still small), hence the looser check on the last step and the evaluation.
+  assert losses('eight')[0] == pytest.approx(losses('one')[0], rel=1e-6)
   sharded = json.loads(out.stdout.strip().splitlines()[-1])
-  assert sharded['loss'] == pytest.approx(single['loss'], rel=1e-4)
-  assert sharded['eval_loss'] == pytest.approx(single['eval_loss'], rel=1e-4)
+  assert sharded['loss'] == pytest.approx(single['loss'], rel=1e-3)
+  assert sharded['eval_loss'] == pytest.approx(single['eval_loss'], rel=1e-3)
 
   # The layout the rules produce: every matrix is split over fsdp and/or tensor.
   out = run_module('_print_specs', json.dumps(mesh), str(tmp_path / 'specs'), model, env=EIGHT_DEVICES)
