@@ -158,3 +158,11 @@ def test_gradients_are_finite_where_positions_have_no_partner():
   model, params, tokens = build()
   grads = jax.grad(lambda p: model.apply({'params': p}, tokens)[0].mean())(params)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_sampling_falls_back_to_the_full_forward():
+  from train import sample
+  model, params, tokens = build()
+  generated = sample.generate(model, params, np.asarray(tokens[0, :5]), 6, key=jax.random.key(0), temperature=0)
+  logits, _ = model.apply({'params': params}, jnp.concatenate([tokens[0, :5], generated])[None])
+  np.testing.assert_array_equal(generated, np.argmax(logits[0, 4:-1], axis=-1))

@@ -106,3 +106,14 @@ def test_remat_gives_the_same_gradients_and_bf16_stays_close():
   half, _ = bf16_model.apply({'params': params}, tokens)
   assert half.dtype == jnp.float32   # logits are returned in float32 for the loss
   np.testing.assert_allclose(half, full, atol=0.1)
+
+
+def test_uncached_generation_agrees_with_the_cache_path():
+  """The fallback for models without a decode cache (e.g. grassmann) samples the same tokens."""
+  model, params, tokens = build(positions='rope')
+  prompt = np.asarray(tokens[0, :4])
+  for temperature in (0, 1.0):
+    kwargs = dict(key=jax.random.key(3), temperature=temperature, vocab_limit=45)
+    cached = sample.generate(model, params, prompt, 8, **kwargs)
+    np.testing.assert_array_equal(cached, sample.generate_uncached(model, params, prompt, 8, **kwargs))
+    assert cached.max() < 45

@@ -33,29 +33,51 @@ def decode_step_fn(model):
   return step
 
 
+def pick_token(logits, key, temperature: float, top_k: int, vocab_limit: int | None):
+  """The next token from [1, vocab] logits; temperature 0 is greedy; ids >= vocab_limit are never chosen."""
+  from train.trainer import mask_padded_vocab
+  logits = mask_padded_vocab(logits, vocab_limit or logits.shape[-1])
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1)
+  scaled = logits / temperature
+  if top_k:
+    kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+    scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+  return jax.random.categorical(key, scaled, axis=-1)
+
+
 def generate(model, params, prompt: np.ndarray, max_new_tokens: int, *, key, temperature: float = 1.0,
              top_k: int = 0, vocab_limit: int | None = None) -> np.ndarray:
-  """Continue `prompt` ([length] ids) by `max_new_tokens`; temperature 0 is greedy.
-  Ids from `vocab_limit` on (vocabulary padding) are never produced."""
-  from train.trainer import mask_padded_vocab
-  step = decode_step_fn(model)
-  cache = init_cache(model, 1, len(prompt) + max_new_tokens)
+  """Continue `prompt` ([length] ids) by `max_new_tokens` with the model's KV cache; models without a
+  decode cache fall back to `generate_uncached`."""
+  try:
+    step = decode_step_fn(model)
+    cache = init_cache(model, 1, len(prompt) + max_new_tokens)
+  except NotImplementedError:
+    return generate_uncached(model, params, prompt, max_new_tokens, key=key, temperature=temperature, top_k=top_k,
+                             vocab_limit=vocab_limit)
   logits, cache = step(params, cache, jnp.asarray(prompt, jnp.int32)[None])
   out = []
   for i in range(max_new_tokens):
-    logits = mask_padded_vocab(logits, vocab_limit or logits.shape[-1])
-    if temperature == 0:
-      token = jnp.argmax(logits, axis=-1)
-    else:
-      scaled = logits / temperature
-      if top_k:
-        kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
-        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-      token = jax.random.categorical(jax.random.fold_in(key, i), scaled, axis=-1)
+    token = pick_token(logits, jax.random.fold_in(key, i), temperature, top_k, vocab_limit)
     out.append(int(token[0]))
     if i + 1 < max_new_tokens:
       logits, cache = step(params, cache, token[:, None].astype(jnp.int32))
   return np.asarray(out, np.int32)
+
+
+def generate_uncached(model, params, prompt: np.ndarray, max_new_tokens: int, *, key, temperature: float = 1.0,
+                      top_k: int = 0, vocab_limit: int | None = None) -> np.ndarray:
+  """Generation by a full causal forward over a fixed-size buffer (one compilation): position t's
+  logits never depend on the zeros after it. O(length) work per token, for models without a cache."""
+  buffer = np.zeros((1, len(prompt) + max_new_tokens), np.int32)
+  buffer[0, :len(prompt)] = prompt
+  forward = jax.jit(lambda p, tokens: model.apply({'params': p}, tokens=tokens, train=False)[0][0])
+  for i in range(max_new_tokens):
+    position = len(prompt) + i
+    logits = forward(params, jnp.asarray(buffer))[position - 1][None]
+    buffer[0, position] = int(pick_token(logits, jax.random.fold_in(key, i), temperature, top_k, vocab_limit)[0])
+  return buffer[0, len(prompt):]
 
 
 def _define(fv):
