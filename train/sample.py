@@ -1,7 +1,8 @@
 """python -m train.sample --workdir DIR --prompt TEXT --max_new_tokens N [--temperature T] [--top_k K]
 
 Generates with the model's KV cache (`decode=True`): the prompt is fed in one call, then one token
-per call, each attending to the cached keys and values.
+per call, each attending to the cached keys and values. Models without a decode cache are sampled by a
+full causal forward per token.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from train import config as config_lib, distributed
 
 def init_cache(model, batch: int, length: int):
   """Zeroed decode cache for `length` positions (shapes from an abstract init, nothing else allocated)."""
-  inputs = {'tokens': jax.ShapeDtypeStruct((batch, length), jnp.int32)}
   abstract = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, tokens=jnp.zeros(
-      inputs['tokens'].shape, jnp.int32), train=False, decode=True))
+      (batch, length), jnp.int32), train=False, decode=True))
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract['cache'])
 
 
