@@ -54,7 +54,8 @@ def mean_plucker(z: jax.Array, offsets: tuple[int, ...], eps: float) -> tuple[ja
   """(mean over valid offsets of the normalised Plücker features [b, l, C(r,2)], valid count [l])."""
   length = z.shape[1]
   positions = jnp.arange(length)
-  total, count = 0.0, jnp.zeros(length, z.dtype)
+  total = jnp.zeros((*z.shape[:2], z.shape[-1] * (z.shape[-1] - 1) // 2), z.dtype)
+  count = jnp.zeros(length, z.dtype)
   for offset in offsets:
     if offset >= length:
       continue
@@ -62,8 +63,6 @@ def mean_plucker(z: jax.Array, offsets: tuple[int, ...], eps: float) -> tuple[ja
     valid = (positions >= offset).astype(z.dtype)
     total = total + p.astype(z.dtype) * valid[None, :, None]
     count = count + valid
-  if isinstance(total, float):   # every offset beyond the sequence
-    total = jnp.zeros((*z.shape[:2], z.shape[-1] * (z.shape[-1] - 1) // 2), z.dtype)
   return total / jnp.maximum(count, 1)[None, :, None], count
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from absl import flags
 
 from train import config as config_lib, distributed
+from train.trainer import mask_padded_vocab
 
 
 def init_cache(model, batch: int, length: int):
@@ -35,7 +36,6 @@ def decode_step_fn(model):
 
 def pick_token(logits, key, temperature: float, top_k: int, vocab_limit: int | None):
   """The next token from [1, vocab] logits; temperature 0 is greedy; ids >= vocab_limit are never chosen."""
-  from train.trainer import mask_padded_vocab
   logits = mask_padded_vocab(logits, vocab_limit or logits.shape[-1])
   if temperature == 0:
     return jnp.argmax(logits, axis=-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import types
 
 import tensorflow_datasets as tfds
 
@@ -25,20 +26,12 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({'text': tfds.features.Text()}))
 
   def _split_generators(self, dl_manager):
-    config = _DirConfig(str(dl_manager.manual_dir))
+    config = types.SimpleNamespace(corpus='tfds:local', dir=str(dl_manager.manual_dir))
     return {split: self._generate_examples(paths) for split, paths in data.corpus_files(config).items()}
 
   def _generate_examples(self, paths):
-    for path in paths:
-      yield path.name, {'text': path.read_text(encoding='utf-8', errors='replace')}
-
-
-class _DirConfig(dict):
-  """The slice of a data config that `corpus_files` reads."""
-
-  def __init__(self, directory: str):
-    super().__init__(corpus='tfds:local', dir=directory)
-    self.__dict__ = self
+    for index, path in enumerate(paths):   # keyed by position: names may repeat across subdirectories
+      yield index, {'text': path.read_text(encoding='utf-8', errors='replace')}
 
 
 def data_source(directory: pathlib.Path, tfds_dir: str, split: str):

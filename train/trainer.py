@@ -202,11 +202,14 @@ class Trainer:
   def _request_stop(self, signum, frame):
     self.stop_requested.set()
 
-  def _stop_agreed(self) -> bool:
-    """All processes stop together: a SIGTERM on any one host stops every host at the same step."""
+  def _stop_agreed(self, done: int) -> bool:
+    """All processes stop together: a SIGTERM on any one host stops every host at the same step. With
+    several processes they agree only on log steps, so the loop has no cross-host barrier per step."""
     flag = self.stop_requested.is_set()
     if jax.process_count() == 1:
       return flag
+    if done % self.config.train.log_every:
+      return False
     from jax.experimental import multihost_utils
     return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
@@ -286,7 +289,7 @@ class Trainer:
         if done < t.steps:   # prepare the next batch while the device works
           batch = setup.global_batch(setup.dataset.train_batch(done, setup.rows))
         writer.advance()
-        stop = self._stop_agreed() or done == t.stop_at
+        stop = self._stop_agreed(done) or done == t.stop_at
         is_eval = done % t.eval_every == 0 or done == t.steps
         is_save = done % config.checkpoint.every == 0 or done == t.steps or stop
         if is_eval or is_save:
