@@ -21,8 +21,8 @@ import statistics
 import subprocess
 import sys
 
-COLUMNS = ('model', 'params', 'non_embedding_params', 'steps', 'train_tokens', 'best_valid_ppl', 'valid_ppl',
-           'test_ppl', 'ratio_to_first', 'valid_bpb', 'test_bpb', 'tokens_per_sec', 'train_time_s')
+COLUMNS = ('model', 'params', 'non_embedding_params', 'steps', 'train_tokens', 'train_flops', 'best_valid_ppl',
+           'valid_ppl', 'test_ppl', 'ratio_to_first', 'valid_bpb', 'test_bpb', 'tokens_per_sec', 'train_time_s')
 
 
 def run_name(config_path: str) -> str:
@@ -62,9 +62,11 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def train_and_evaluate(config_path: str, workdir: str, overrides: list[str]) -> dict:
+def train_and_evaluate(config_path: str | None, workdir: str, overrides: list[str], name: str | None = None) -> dict:
+  """Train (config_path None: the config already in `workdir`), evaluate on valid and test, return the row."""
   flags = [f'--config.{o}' for o in overrides]
-  train_cmd = [sys.executable, '-m', 'train', '--config', config_path, '--workdir', workdir, *flags]
+  config_flag = ['--config', config_path] if config_path else []
+  train_cmd = [sys.executable, '-m', 'train', *config_flag, '--workdir', workdir, *flags]
   commit = git_commit()   # the code the run starts from
   start = datetime.datetime.now()
   run(train_cmd)
@@ -79,14 +81,16 @@ def train_and_evaluate(config_path: str, workdir: str, overrides: list[str]) -> 
   first = records[0]
   speeds = [r['tokens_per_sec'] for r in records if 'tokens_per_sec' in r]
   t = config['train']
+  train_tokens = evals['valid']['step'] * t['batch_size'] * t['seq_len']
   return {
-      'name': run_name(config_path), 'model': config['model']['name'],
+      'name': name or run_name(config_path), 'model': config['model']['name'],
       'params': first.get('params'), 'non_embedding_params': first.get('non_embedding_params'),
-      'steps': evals['valid']['step'], 'train_tokens': evals['valid']['step'] * t['batch_size'] * t['seq_len'],
+      'steps': evals['valid']['step'], 'train_tokens': train_tokens,
+      'train_flops': first['flops_per_token'] * train_tokens if 'flops_per_token' in first else None,
       'valid_ppl': evals['valid']['ppl'], 'test_ppl': evals['test']['ppl'], 'valid_tokens': evals['valid']['tokens'],
       'valid_bpb': evals['valid']['bpb'], 'test_bpb': evals['test']['bpb'],
       'tokens_per_sec': statistics.median(speeds) if speeds else None, 'train_time_s': round(train_time),
-      'command': ' '.join(['python -m train', '--config', config_path, '--workdir', workdir, *flags]),
+      'command': ' '.join(['python -m train', *config_flag, '--workdir', workdir, *flags]),
       'commit': commit, 'hardware': hardware(), 'date': datetime.date.today().isoformat(),
   }
 

@@ -161,11 +161,9 @@ class Attention(nn.Module):
                decode: bool = False, train: bool = False):
     kv_inputs = x if kv_inputs is None else kv_inputs
     kv_heads = self.num_kv_heads or self.num_heads
-    proj = lambda heads, name: dense((heads, self.head_dim), ('embed', 'heads', 'kv'), use_bias=self.use_bias,
-                                     dtype=self.dtype, name=name)
-    q = proj(self.num_heads, 'query')(x)
-    k = proj(kv_heads, 'key')(kv_inputs)
-    v = proj(kv_heads, 'value')(kv_inputs)
+    q = self.project_in(x, self.num_heads, 'query')
+    k = self.project_in(kv_inputs, kv_heads, 'key')
+    v = self.project_in(kv_inputs, kv_heads, 'value')
     batch, length = x.shape[0], x.shape[1]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
@@ -184,9 +182,18 @@ class Attention(nn.Module):
     q = constrain(q, ('batch', 'length', 'act_heads', None))
     out = dot_product_attention(q, k, v, mask=mask, bias=bias)
     out = nn.Dropout(self.dropout)(out, deterministic=not train)
-    out = dense(x.shape[-1], ('heads', 'kv', 'embed'), axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
-                kernel_init=self.out_init, name='out')(out)
-    return constrain(out, ('batch', 'length', 'act_embed'))
+    return constrain(self.project_out(out, x.shape[-1]), ('batch', 'length', 'act_embed'))
+
+  # The projections; an architecture with other projections (TokenFormer's Pattention) overrides these.
+  def project_in(self, x, heads: int, name: str) -> jax.Array:
+    """[batch, length, embed] -> [batch, length, heads, head_dim]."""
+    return dense((heads, self.head_dim), ('embed', 'heads', 'kv'), use_bias=self.use_bias, dtype=self.dtype,
+                 name=name)(x)
+
+  def project_out(self, out, features: int) -> jax.Array:
+    """[batch, length, heads, head_dim] -> [batch, length, features]."""
+    return dense(features, ('heads', 'kv', 'embed'), axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
+                 kernel_init=self.out_init, name='out')(out)
 
   def _update_cache(self, k, v, length):
     """Write the new keys/values at cache_index; return the full cache, positions and causal mask."""

@@ -1,4 +1,7 @@
-"""python -m train --config experiments/configs/quickstart.py --workdir DIR [--config.key=value ...]"""
+"""python -m train --config experiments/configs/quickstart.py --workdir DIR [--config.key=value ...]
+
+Without --config the run's own DIR/config.json is used (to resume, or to train a run made by train.grow).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from train import config as config_lib, distributed
 
 @config_lib.cli
 def main(argv):
-  fv = config_lib.parse_flags(argv, lambda fv: None)
+  has_config_file = any(a == '--config' or a.startswith('--config=') for a in argv)
+  fv = config_lib.parse_flags(argv, lambda fv: None, config_from_workdir=not has_config_file)
   distributed.maybe_initialize()
   from train import trainer
   result = trainer.Trainer(fv.config, fv.workdir).run()

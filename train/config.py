@@ -44,6 +44,7 @@ def default_config(model: str = 'transformer') -> ml_collections.ConfigDict:
       cache_dir='',        # tokenized splits (default <workdir>/cache)
       tfds_dir='',         # TFDS data_dir (default ~/tensorflow_datasets)
       tfds_text_key='text',
+      train_offset=0,      # training windows already read by the run this one continues (set by train.grow)
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=16, seq_len=128, grad_accum=1,
@@ -98,7 +99,8 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   from train import paths
   path = paths.workdir_path(workdir, 'config.json')
   if not path.exists():
-    raise ConfigError(f'{path} not found: --workdir must be a directory written by python -m train')
+    raise ConfigError(f'{path} not found: --workdir must be a directory written by python -m train '
+                      '(or give --config FILE)')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 

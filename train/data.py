@@ -240,6 +240,7 @@ class Dataset:
     self.data_config = config.data
     self.seed = config.seed
     self.global_batch = config.train.batch_size
+    self.train_offset = config.data.get('train_offset', 0)   # runs saved before the key existed
     self.seq_len = config.train.seq_len
     self.format = fmt
     self.cache_dir = config.data.cache_dir or paths.local_dir(workdir, 'cache')
@@ -263,7 +264,8 @@ class Dataset:
     if n == 0:
       raise DataError(f'the train split has fewer than train.seq_len+1={self.seq_len + 1} tokens')
     ids = []
-    for i in range(step * self.global_batch, (step + 1) * self.global_batch)[rows]:
+    first = self.train_offset + step * self.global_batch
+    for i in range(first, first + self.global_batch)[rows]:
       ids.append(int(self._epoch_permutation(i // n)[i % n]))
     return ids
 

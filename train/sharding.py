@@ -28,10 +28,12 @@ LOGICAL_AXIS_RULES = (
     ('rank', None),          # Grassmann reduction width (small)
     ('plucker', 'tensor'),   # Grassmann Plücker features
     ('gate_in', 'tensor'),   # Grassmann gate input [h; g]
+    ('ptokens', 'tensor'),   # TokenFormer parameter tokens
     ('length', None),
     ('act_embed', None),
     ('act_heads', 'tensor'),
     ('act_mlp', 'tensor'),
+    ('act_ptokens', 'tensor'),
     ('act_vocab', 'tensor'),
 )
 
