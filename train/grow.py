@@ -59,7 +59,7 @@ def grow_run(source: str, target: str, add_tokens: int, *, key_init: str = 'zero
   source_step = int(jax.device_get(old_state['step']))
   grown = ml_collections.ConfigDict(config.to_dict())
   grown.model = model_cls.grown_config(config.model, add_tokens, pin_tau)
-  grown.data.train_offset = config.data.train_offset + source_step * config.train.batch_size
+  grown.data.train_offset = config.data.get('train_offset', 0) + source_step * config.train.batch_size
   tokenizer_dir = paths.workdir_path(source, 'tokenizer')
   for file in tokenizer_dir.iterdir():   # the same vocabulary, never retrained
     destination = paths.workdir_path(target, 'tokenizer', file.name)
