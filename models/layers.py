@@ -5,6 +5,7 @@ Every parameter is created through `logical(init, axes)` so that it carries logi
 Logical names used here:
   vocab, embed, mlp, heads, kv (per-head width), pos (learned positions), norm (norm scales/biases).
 Activations are constrained with `batch`, `length`, `act_embed`, `act_heads`, `act_mlp`, `act_vocab`.
+Architectures add their own names (e.g. TokenFormer's `ptokens`), each with a rule in the table.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ SHARED_DATA = ROOT.parent / 'shared' / 'data'
 TINY_MODELS = {
     'transformer': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32),
     'grassmann': dict(d_model=32, num_layers=2, d_ff=64, max_len=32, rank=8, offsets=(1, 2, 4), dropout=0.0),
+    'tokenformer': dict(d_model=32, num_layers=2, num_heads=2, n_attn=24, n_ffn=96, max_len=32),
 }
 
 
@@ -63,6 +64,7 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
 BASE_CONFIG_FILES = {
     'transformer': 'experiments/configs/quickstart.py',
     'grassmann': 'experiments/configs/grassmann_wikitext2.py:tiny,grassmann,wordpiece',
+    'tokenformer': 'experiments/configs/tokenformer_scaling.py:tiny,small',
 }
 
 

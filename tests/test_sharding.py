@@ -20,7 +20,7 @@ def test_mesh_shape_fills_and_rejects():
     sharding.mesh_shape({'data': -1, 'fsdp': -1, 'tensor': 1}, 8)
 
 
-@pytest.mark.parametrize('model', ['transformer', 'grassmann'])
+@pytest.mark.parametrize('model', ['transformer', 'grassmann', 'tokenformer'])
 def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path):
   mesh = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
   config = make_config(model, **{'train.steps': 4})
@@ -42,10 +42,15 @@ def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path):
   assert out.returncode == 0, out.stderr
   specs = json.loads(out.stdout.strip().splitlines()[-1])
   assert specs["['embed']['embedding']"] == str(P('tensor', 'fsdp'))
-  assert specs["['block_0']['mlp']['down']['kernel']"] == str(P('tensor', 'fsdp'))
-  if model == 'transformer':
-    assert specs["['block_0']['attention']['query']['kernel']"] == str(P('fsdp', 'tensor', None))
-  else:
-    assert specs["['block_0']['mixing']['plucker_proj']['kernel']"] == str(P('tensor', 'fsdp'))
-  unsharded_matrices = [k for k, s in specs.items() if 'kernel' in k and s == str(P())]
+  expected = {
+      'transformer': {"['block_0']['attention']['query']['kernel']": P('fsdp', 'tensor', None),
+                      "['block_0']['mlp']['down']['kernel']": P('tensor', 'fsdp')},
+      'grassmann': {"['block_0']['mixing']['plucker_proj']['kernel']": P('tensor', 'fsdp'),
+                    "['block_0']['mlp']['down']['kernel']": P('tensor', 'fsdp')},
+      'tokenformer': {"['block_0']['attention']['query']['keys']": P('tensor', 'fsdp'),
+                      "['block_0']['ffn']['values']": P('tensor', 'fsdp')},
+  }[model]
+  assert {k: specs[k] for k in expected} == {k: str(v) for k, v in expected.items()}
+  unsharded_matrices = [k for k, s in specs.items() if k.endswith(("['kernel']", "['keys']", "['values']"))
+                        and s == str(P())]
   assert not unsharded_matrices
