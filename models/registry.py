@@ -76,6 +76,9 @@ class LanguageModel(nn.Module):
     """Raise ValueError naming the config key when the shape is impossible."""
     if getattr(self, 'vocab_size', 1) <= 0:
       raise ValueError('model.vocab_size must be positive')
+    heads, width = getattr(self, 'num_heads', 1), getattr(self, 'd_model', 1)
+    if width % heads:
+      raise ValueError(f'model.num_heads={heads} does not divide model.d_model={width}')
 
   def example_inputs(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Input shapes for `init`, matching the model's batch format."""

@@ -127,8 +127,6 @@ class TokenFormer(LanguageModel):
 
   def validate(self):
     super().validate()
-    if self.d_model % self.num_heads:
-      raise ValueError(f'model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}')
     if min(self.n_attn, self.n_ffn) <= 0:
       raise ValueError('model.n_attn and model.n_ffn must be positive')
     if self.activation not in ACTIVATIONS:

@@ -67,8 +67,6 @@ class Transformer(LanguageModel):
 
   def validate(self):
     super().validate()
-    if self.d_model % self.num_heads:
-      raise ValueError(f'model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}')
     if self.positions not in ('learned', 'rope'):
       raise ValueError(f"model.positions={self.positions!r} must be 'learned' or 'rope'")
     if self.norm not in ('layernorm', 'rmsnorm'):

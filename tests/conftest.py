@@ -68,6 +68,16 @@ BASE_CONFIG_FILES = {
 }
 
 
+def assert_causal(model, params, tokens, vocab_size: int, t: int = 9):
+  """Changing tokens after position t changes no logit up to t, and does change later ones."""
+  import numpy as np
+  logits, _ = model.apply({'params': params}, tokens)
+  perturbed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 5) % vocab_size)
+  logits2, _ = model.apply({'params': params}, perturbed)
+  np.testing.assert_allclose(logits[:, :t + 1], logits2[:, :t + 1], atol=1e-5)
+  assert not np.allclose(logits[:, t + 1:], logits2[:, t + 1:], atol=1e-3)
+
+
 def config_flags(config) -> list[str]:
   """A tiny config as command-line overrides of a config file for its model."""
   flat = []
