@@ -108,6 +108,42 @@ def rope(x: jax.Array, positions: jax.Array, *, base: float = 10000.0, fraction:
   return jnp.concatenate([rotated, x_pass], axis=-1)
 
 
+def relative_position_bucket(relative: jax.Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+  """T5's buckets for key position - query position: exact for small distances, logarithmic up to
+  `max_distance`, one bucket beyond. Bidirectional splits the buckets between the two directions."""
+  distance = -relative                      # > 0: the key is in the past
+  bucket = jnp.zeros_like(relative)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = bucket + (distance < 0) * num_buckets
+    distance = jnp.abs(distance)
+  else:
+    distance = jnp.maximum(distance, 0)
+  exact = num_buckets // 2
+  log_scaled = exact + (jnp.log(jnp.maximum(distance, 1) / exact) / jnp.log(max_distance / exact)
+                        * (num_buckets - exact)).astype(relative.dtype)
+  return bucket + jnp.where(distance < exact, distance, jnp.minimum(log_scaled, num_buckets - 1))
+
+
+class RelativePositionBias(nn.Module):
+  """T5 relative position bias: a learned scalar per (bucket, head), added to the attention logits."""
+  num_heads: int
+  bidirectional: bool = False
+  num_buckets: int = 32
+  max_distance: int = 128
+
+  @nn.compact
+  def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    """[batch, q], [batch, k] -> bias [batch, heads, q, k]."""
+    table = self.param('table', logical(default_init, ('rel_buckets', 'heads')), (self.num_buckets, self.num_heads),
+                       jnp.float32)
+    buckets = relative_position_bucket(k_positions[:, None, :] - q_positions[:, :, None],
+                                       bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+                                       max_distance=self.max_distance)
+    return jnp.moveaxis(table[buckets], -1, 1)
+
+
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
   """[batch, 1, q, k] boolean mask: key position <= query position."""
   return (k_positions[:, None, None, :] <= q_positions[:, None, :, None])

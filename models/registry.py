@@ -107,7 +107,7 @@ def abstract_variables(module: LanguageModel, batch_size: int = 1, seq_len: int 
   """Shapes of the (boxed, logically named) variables without allocating them."""
   inputs = module.example_inputs(batch_size, seq_len)
   rngs = {name: jax.random.key(0) for name in ('params', *module.rng_streams)}
-  return jax.eval_shape(lambda: module.init(rngs, **inputs, train=False))
+  return jax.eval_shape(lambda inputs: module.init(rngs, **inputs, train=False), inputs)
 
 
 def param_counts(module: LanguageModel) -> dict[str, int]:

@@ -12,6 +12,14 @@ from models import layers
 from models.registry import LanguageModel, register
 
 
+def decoder_flops_per_token(d_model: int, num_layers: int, d_ff: int, mlp: str, vocab_size: int,
+                            seq_len: int) -> float:
+  """Forward matmul FLOPs per token of a decoder of these blocks with a (tied or not) readout."""
+  per_layer = 2 * (4 * d_model ** 2 + layers.mlp_matmul_params(d_model, d_ff, mlp))
+  per_layer += 2 * d_model * seq_len   # QK^T and AV: 2 * 2 * d * T per token, halved for the causal mask
+  return num_layers * per_layer + 2 * d_model * vocab_size
+
+
 class Block(nn.Module):
   d_model: int
   num_heads: int
@@ -26,7 +34,7 @@ class Block(nn.Module):
   out_init: layers.Initializer
 
   @nn.compact
-  def __call__(self, x, mask, positions, decode, train):
+  def __call__(self, x, mask, positions, decode, train, bias=None):
     attention = layers.Attention(
         num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, use_rope=self.use_rope,
         use_bias=self.use_bias, dropout=self.dropout, dtype=self.dtype, out_init=self.out_init, name='attention')
@@ -35,7 +43,7 @@ class Block(nn.Module):
     norm1 = layers.norm(self.norm, dtype=self.dtype, use_bias=self.use_bias, name='norm1')
     norm2 = layers.norm(self.norm, dtype=self.dtype, use_bias=self.use_bias, name='norm2')
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
-    attend = lambda y: attention(y, mask=mask, positions=positions, decode=decode, train=train)
+    attend = lambda y: attention(y, mask=mask, bias=bias, positions=positions, decode=decode, train=train)
     if self.prenorm:
       x = x + drop(attend(norm1(x)))
       x = x + drop(mlp(norm2(x), train=train))
@@ -106,10 +114,7 @@ class Transformer(LanguageModel):
     return logits.astype(jnp.float32), {}
 
   def forward_flops_per_token(self, seq_len: int) -> float:
-    per_layer = 2 * (4 * self.d_model ** 2 + layers.mlp_matmul_params(self.d_model, self.d_ff, self.mlp))
-    # QK^T and AV: 2 * 2 * d * T per token, halved for the causal mask.
-    per_layer += 2 * self.d_model * seq_len
-    return self.num_layers * per_layer + 2 * self.d_model * self.vocab_size
+    return decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, self.mlp, self.vocab_size, seq_len)
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:

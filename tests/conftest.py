@@ -17,6 +17,7 @@ TINY_MODELS = {
     'transformer': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32),
     'grassmann': dict(d_model=32, num_layers=2, d_ff=64, max_len=32, rank=8, offsets=(1, 2, 4), dropout=0.0),
     'tokenformer': dict(d_model=32, num_layers=2, num_heads=2, n_attn=24, n_ffn=96, max_len=32),
+    'lexinvariant': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32),
 }
 
 
@@ -65,15 +66,16 @@ BASE_CONFIG_FILES = {
     'transformer': 'experiments/configs/quickstart.py',
     'grassmann': 'experiments/configs/grassmann_wikitext2.py:tiny,grassmann,wordpiece',
     'tokenformer': 'experiments/configs/tokenformer_scaling.py:tiny,small',
+    'lexinvariant': 'experiments/configs/lexinvariant.py:tiny,stdlib,char,random',
 }
 
 
-def assert_causal(model, params, tokens, vocab_size: int, t: int = 9):
+def assert_causal(model, params, tokens, vocab_size: int, t: int = 9, **apply_kwargs):
   """Changing tokens after position t changes no logit up to t, and does change later ones."""
   import numpy as np
-  logits, _ = model.apply({'params': params}, tokens)
+  logits, _ = model.apply({'params': params}, tokens, **apply_kwargs)
   perturbed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 5) % vocab_size)
-  logits2, _ = model.apply({'params': params}, perturbed)
+  logits2, _ = model.apply({'params': params}, perturbed, **apply_kwargs)
   np.testing.assert_allclose(logits[:, :t + 1], logits2[:, :t + 1], atol=1e-5)
   assert not np.allclose(logits[:, t + 1:], logits2[:, t + 1:], atol=1e-3)
 

@@ -20,7 +20,7 @@ def test_mesh_shape_fills_and_rejects():
     sharding.mesh_shape({'data': -1, 'fsdp': -1, 'tensor': 1}, 8)
 
 
-@pytest.mark.parametrize('model', ['transformer', 'grassmann', 'tokenformer'])
+@pytest.mark.parametrize('model', ['transformer', 'grassmann', 'tokenformer', 'lexinvariant'])
 def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path):
   mesh = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
   config = make_config(model, **{'train.steps': 4})
@@ -41,14 +41,16 @@ def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path):
   out = run_module('_print_specs', json.dumps(mesh), str(tmp_path / 'specs'), model, env=EIGHT_DEVICES)
   assert out.returncode == 0, out.stderr
   specs = json.loads(out.stdout.strip().splitlines()[-1])
-  assert specs["['embed']['embedding']"] == str(P('tensor', 'fsdp'))
+  embed = {"['embed']['embedding']": P('tensor', 'fsdp')}
   expected = {
-      'transformer': {"['block_0']['attention']['query']['kernel']": P('fsdp', 'tensor', None),
+      'transformer': {**embed, "['block_0']['attention']['query']['kernel']": P('fsdp', 'tensor', None),
                       "['block_0']['mlp']['down']['kernel']": P('tensor', 'fsdp')},
-      'grassmann': {"['block_0']['mixing']['plucker_proj']['kernel']": P('tensor', 'fsdp'),
+      'grassmann': {**embed, "['block_0']['mixing']['plucker_proj']['kernel']": P('tensor', 'fsdp'),
                     "['block_0']['mlp']['down']['kernel']": P('tensor', 'fsdp')},
-      'tokenformer': {"['block_0']['attention']['query']['keys']": P('tensor', 'fsdp'),
+      'tokenformer': {**embed, "['block_0']['attention']['query']['keys']": P('tensor', 'fsdp'),
                       "['block_0']['ffn']['values']": P('tensor', 'fsdp')},
+      'lexinvariant': {"['block_0']['attention']['query']['kernel']": P('fsdp', 'tensor', None),
+                       "['position_bias']['table']": P(None, 'tensor')},   # random tables: no embedding
   }[model]
   assert {k: specs[k] for k in expected} == {k: str(v) for k, v in expected.items()}
   unsharded_matrices = [k for k, s in specs.items() if k.endswith(("['kernel']", "['keys']", "['values']"))

@@ -68,7 +68,8 @@ def test_cached_generation_equals_full_forward(kw):
   full = np.concatenate([prompt, generated])
   logits, _ = model.apply({'params': params}, jnp.asarray(full)[None])
   np.testing.assert_array_equal(generated, np.argmax(logits[0, 4:-1], axis=-1))
-  cached_logits = sample.decode_step_fn(model)(params, sample.init_cache(model, 1, 15), jnp.asarray(full)[None])[0]
+  cached_logits = sample.decode_step_fn(model)(params, sample.init_cache(model, 1, 15), jnp.asarray(full)[None],
+                                               jax.random.key(0))[0]
   np.testing.assert_allclose(cached_logits[0], logits[0, -1], atol=1e-4)
 
 

@@ -2,7 +2,8 @@
 
 Generates with the model's KV cache (`decode=True`): the prompt is fed in one call, then one token
 per call, each attending to the cached keys and values. Models without a decode cache are sampled by a
-full causal forward per token.
+full causal forward per token. A model's RNG streams (e.g. lexinvariant's per-sequence embedding table)
+get one key for the whole generation, so every step sees the same draw.
 """
 
 from __future__ import annotations
@@ -15,21 +16,23 @@ import numpy as np
 from absl import flags
 
 from train import config as config_lib, distributed
-from train.trainer import mask_padded_vocab
+from train.trainer import mask_padded_vocab, stream_keys
 
 
 def init_cache(model, batch: int, length: int):
-  """Zeroed decode cache for `length` positions (shapes from an abstract init, nothing else allocated)."""
-  abstract = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, tokens=jnp.zeros(
-      (batch, length), jnp.int32), train=False, decode=True))
-  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract['cache'])
+  """The decode cache for `length` positions, from an abstract init: zeros, except any variable the model
+  initialises with values (e.g. the positions of the cache slots)."""
+  def init():
+    rngs = {'params': jax.random.key(0), **stream_keys(model, jax.random.key(0))}
+    return model.init(rngs, tokens=jnp.zeros((batch, length), jnp.int32), train=False, decode=True)['cache']
+  return jax.jit(init)()
 
 
 def decode_step_fn(model):
   @jax.jit
-  def step(params, cache, tokens):
+  def step(params, cache, tokens, stream_key):
     (logits, _), updated = model.apply({'params': params, 'cache': cache}, tokens=tokens, train=False, decode=True,
-                                       mutable=['cache'])
+                                       rngs=stream_keys(model, stream_key), mutable=['cache'])
     return logits[:, -1], updated['cache']
   return step
 
@@ -56,13 +59,14 @@ def generate(model, params, prompt: np.ndarray, max_new_tokens: int, *, key, tem
   except NotImplementedError:
     return generate_uncached(model, params, prompt, max_new_tokens, key=key, temperature=temperature, top_k=top_k,
                              vocab_limit=vocab_limit)
-  logits, cache = step(params, cache, jnp.asarray(prompt, jnp.int32)[None])
+  stream_key = jax.random.fold_in(key, max_new_tokens)   # not one of the per-token sampling keys
+  logits, cache = step(params, cache, jnp.asarray(prompt, jnp.int32)[None], stream_key)
   out = []
   for i in range(max_new_tokens):
     token = pick_token(logits, jax.random.fold_in(key, i), temperature, top_k, vocab_limit)
     out.append(int(token[0]))
     if i + 1 < max_new_tokens:
-      logits, cache = step(params, cache, token[:, None].astype(jnp.int32))
+      logits, cache = step(params, cache, token[:, None].astype(jnp.int32), stream_key)
   return np.asarray(out, np.int32)
 
 
@@ -72,7 +76,8 @@ def generate_uncached(model, params, prompt: np.ndarray, max_new_tokens: int, *,
   logits never depend on the zeros after it. O(length) work per token, for models without a cache."""
   buffer = np.zeros((1, len(prompt) + max_new_tokens), np.int32)
   buffer[0, :len(prompt)] = prompt
-  forward = jax.jit(lambda p, tokens: model.apply({'params': p}, tokens=tokens, train=False)[0][0])
+  rngs = stream_keys(model, jax.random.fold_in(key, max_new_tokens))
+  forward = jax.jit(lambda p, tokens: model.apply({'params': p}, tokens=tokens, train=False, rngs=rngs)[0][0])
   for i in range(max_new_tokens):
     position = len(prompt) + i
     logits = forward(params, jnp.asarray(buffer))[position - 1][None]

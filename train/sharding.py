@@ -29,6 +29,7 @@ LOGICAL_AXIS_RULES = (
     ('plucker', 'tensor'),   # Grassmann Plücker features
     ('gate_in', 'tensor'),   # Grassmann gate input [h; g]
     ('ptokens', 'tensor'),   # TokenFormer parameter tokens
+    ('rel_buckets', None),   # T5 relative position buckets
     ('length', None),
     ('act_embed', None),
     ('act_heads', 'tensor'),

@@ -47,11 +47,15 @@ def mask_padded_vocab(logits, vocab_limit: int):
   return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -1e9)
 
 
+def token_nll(logits, targets, vocab_limit: int):
+  """Per-token NLL in float32."""
+  logits = mask_padded_vocab(logits.astype(jnp.float32), vocab_limit)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
 def weighted_nll(logits, targets, weights, vocab_limit: int):
   """(sum of weighted token NLLs, sum of weights), in float32."""
-  logits = mask_padded_vocab(logits.astype(jnp.float32), vocab_limit)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return (nll * weights).sum(), weights.sum()
+  return (token_nll(logits, targets, vocab_limit) * weights).sum(), weights.sum()
 
 
 def model_inputs(batch: dict) -> dict:
@@ -128,25 +132,35 @@ class Setup:
 
   # ------------------------------------------------------------------------------------- evaluation
   def make_eval_step(self):
-    model, seed, vocab_limit = self.model, self.config.seed, self.vocab_limit
+    """(params, model_state, batch, key) -> weighted NLL and weight summed over the batch, per position."""
+    model, vocab_limit = self.model, self.vocab_limit
 
-    def eval_step(params, model_state, batch):
-      rngs = stream_keys(model, jax.random.key(seed))
-      logits, _ = model.apply({'params': params, **model_state}, **model_inputs(batch), train=False, rngs=rngs)
-      return weighted_nll(logits, batch['targets'], batch['weights'], vocab_limit)
+    def eval_step(params, model_state, batch, key):
+      logits, _ = model.apply({'params': params, **model_state}, **model_inputs(batch), train=False,
+                              rngs=stream_keys(model, key))
+      nll = token_nll(logits, batch['targets'], vocab_limit) * batch['weights']
+      return nll.sum(0), batch['weights'].sum(0)
 
-    return jax.jit(eval_step)
+    return jax.jit(eval_step, out_shardings=sharding.replicated(self.mesh))
 
-  def evaluate(self, eval_step, params, model_state, split: str, max_batches: int = 0) -> dict:
-    """Loss, perplexity and bits per byte (total NLL over the split's UTF-8 bytes) on one split."""
+  def evaluate(self, eval_step, params, model_state, split: str, max_batches: int = 0, draw: int = 0,
+               per_position: bool = False) -> dict:
+    """Loss, perplexity and bits per byte (total NLL over the split's UTF-8 bytes) on one split.
+
+    `draw` picks the key of the model's RNG streams (a fixed function of the seed, so evaluation is
+    reproducible); `per_position` adds the mean NLL at each position of the window."""
+    key = jax.random.fold_in(jax.random.key(self.config.seed), draw)
     nll = weight = 0.0
     for batch in self.dataset.eval_batches(split, max_batches, self.rows):
-      n, w = eval_step(params, model_state, self.global_batch(batch))
+      n, w = eval_step(params, model_state, self.global_batch(batch), key)
       nll, weight = nll + n, weight + w   # stays on device until the end
-    nll, weight = float(nll), float(weight)
-    loss = nll / max(weight, 1.0)
-    return {'loss': loss, 'ppl': math.exp(min(loss, 80.0)),
-            'bpb': nll / LN2 / self.dataset.eval_bytes(split, max_batches), 'tokens': int(weight)}
+    nll, weight = np.asarray(nll, np.float64), np.asarray(weight, np.float64)
+    loss = nll.sum() / max(weight.sum(), 1.0)
+    result = {'loss': loss, 'ppl': math.exp(min(loss, 80.0)),
+              'bpb': nll.sum() / LN2 / self.dataset.eval_bytes(split, max_batches), 'tokens': int(weight.sum())}
+    if per_position:
+      result['nll_by_position'] = (nll / np.maximum(weight, 1.0)).tolist()
+    return result
 
 
 class Trainer:

@@ -1,0 +1,127 @@
+"""Lexinvariant language models (arXiv 2305.16349): no fixed token embeddings.
+
+`embedding='random'` (the paper's model): every sequence gets a fresh table E [vocab, d] with entries
+N(0, 1), drawn from the `lexinvariant` RNG stream; the input is E(x)·scale + bias (learned) and the
+readout uses the same table, logits_v = ⟨h, E(v)⟩, with no learned token biases. The model is then
+invariant to any permutation of the vocabulary: a symbol's identity is visible only through its repeats.
+`embedding='learned'` is the standard model; with `permute_prob=p` it is the regularised variant (App. G):
+in training each sequence draws a vocabulary permutation π and each input token x becomes π(x) with
+probability p (targets unchanged).
+
+Both start alike: learned embeddings are also initialised N(0, 1), and, as in T5's tied readout, the
+final hidden state is scaled by d^-1/2 before the dot product with the table.
+Positions come only from a T5 relative position bias shared by all layers (no absolute positions).
+Memory: the tables are [batch, vocab, d] floats, like the [batch, length, vocab] logits: fine for
+characters (128-257) and an 8k BPE vocabulary at small d; the whole table is needed for the readout.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from models import layers
+from models.registry import LanguageModel, register
+from models.transformer import Block, decoder_flops_per_token
+
+STREAM = 'lexinvariant'
+
+
+def random_tables(key: jax.Array, batch: int, vocab_size: int, features: int) -> jax.Array:
+  """One N(0, I) embedding table per sequence: [batch, vocab, features]. Row v is drawn from its own key,
+  so it does not depend on the vocabulary's size (which the mesh may pad)."""
+  rows = jax.vmap(lambda v: jax.random.normal(jax.random.fold_in(key, v), (batch, features), jnp.float32))
+  return jnp.swapaxes(rows(jnp.arange(vocab_size)), 0, 1)
+
+
+def permute_tokens(key: jax.Array, tokens: jax.Array, vocab_size: int, prob: float) -> jax.Array:
+  """Replace each token by π(token) with probability `prob`, one random permutation π per sequence."""
+  perm_key, coin_key = jax.random.split(key)
+  perms = jax.vmap(lambda k: jax.random.permutation(k, vocab_size))(jax.random.split(perm_key, tokens.shape[0]))
+  permuted = jnp.take_along_axis(perms, tokens, axis=1)
+  return jnp.where(jax.random.bernoulli(coin_key, prob, tokens.shape), permuted, tokens)
+
+
+@register('lexinvariant')
+class Lexinvariant(LanguageModel):
+  """Decoder-only Transformer (the baseline's pre-LN blocks) with T5 relative position bias and
+  per-sequence random (or learned) embeddings."""
+  rng_streams = ('dropout', STREAM)
+  vocab_size: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  d_ff: int = 1024
+  max_len: int = 2048            # only bounds train.seq_len; relative positions need no table
+  embedding: str = 'random'      # random (lexinvariant) | learned (standard)
+  permute_prob: float = 0.0      # learned only: the regularised variant's p (0.2 in the paper)
+  embed_affine: str = 'vector'   # the learned scale and bias on E(x): per dimension (vector) or scalar
+  num_buckets: int = 32          # T5 relative position buckets
+  max_distance: int = 128
+  dropout: float = 0.0
+  dtype: str = 'float32'
+  remat: bool = False
+
+  def validate(self):
+    super().validate()
+    if self.embedding not in ('random', 'learned'):
+      raise ValueError(f"model.embedding={self.embedding!r} must be 'random' or 'learned'")
+    if self.embed_affine not in ('vector', 'scalar'):
+      raise ValueError(f"model.embed_affine={self.embed_affine!r} must be 'vector' or 'scalar'")
+    if not 0 <= self.permute_prob <= 1 or (self.permute_prob and self.embedding != 'learned'):
+      raise ValueError('model.permute_prob must be in [0, 1], and only with model.embedding=learned')
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False, decode: bool = False, tables: jax.Array | None = None):
+    """`tables` [batch, vocab, d] replaces the random draw (probes and tests)."""
+    dtype = jnp.dtype(self.dtype)
+    batch, length = tokens.shape
+    if self.embedding == 'random':
+      if tables is None:
+        tables = random_tables(self.make_rng(STREAM), batch, self.vocab_size, self.d_model)
+      tables = layers.constrain(tables, ('batch', 'act_vocab', 'act_embed'))
+      affine_shape = (self.d_model,) if self.embed_affine == 'vector' else (1,)
+      scale = self.param('embed_scale', layers.logical(nn.initializers.ones_init(), ('norm',)), affine_shape)
+      shift = self.param('embed_bias', layers.logical(nn.initializers.zeros_init(), ('norm',)), affine_shape)
+      x = (jnp.take_along_axis(tables, tokens[..., None], axis=1) * scale + shift).astype(dtype)
+      self.sow('intermediates', 'embeddings', x)
+      readout = lambda h: jnp.einsum('btd,bvd->btv', h, tables.astype(dtype))
+    else:
+      embed = layers.Embed(self.vocab_size, self.d_model, dtype=dtype, embedding_init=nn.initializers.normal(1.0),
+                           name='embed')
+      if train and self.permute_prob > 0:
+        tokens = permute_tokens(self.make_rng(STREAM), tokens, self.vocab_size, self.permute_prob)
+      x, readout = embed(tokens), embed.attend
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+
+    positions = jnp.arange(length)[None]       # the same for every row: one bias for the batch
+    key_positions = positions
+    if decode:   # queries continue from the cache; keys are the cache slots
+      index = self.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
+      slots = self.variable('cache', 'key_positions', lambda: jnp.arange(length)[None])
+      positions, key_positions = positions + index.value, slots.value
+      if not self.is_initializing():
+        index.value = index.value + length
+    bias = layers.RelativePositionBias(self.num_heads, num_buckets=self.num_buckets, max_distance=self.max_distance,
+                                       name='position_bias')(positions, key_positions)
+    mask = None if decode else layers.causal_mask(positions, key_positions)
+    block_cls = nn.remat(Block, static_argnums=(4, 5)) if self.remat else Block
+    out_init = nn.initializers.normal(0.02 / (2 * self.num_layers) ** 0.5)
+    for i in range(self.num_layers):
+      x = block_cls(self.d_model, self.num_heads, self.d_ff, True, 'layernorm', 'gelu', False, True, self.dropout,
+                    dtype, out_init, name=f'block_{i}')(x, mask, jnp.broadcast_to(positions, (batch, length)),
+                                                        decode, train, bias.astype(dtype))
+    x = layers.norm('layernorm', dtype=dtype, name='final_norm')(x)
+    self.sow('intermediates', 'hidden', x)     # the final hidden states, for probes
+    # T5's tied readout: the output is scaled by d^-1/2, as the embeddings are N(0, 1).
+    logits = layers.constrain(readout(x * self.d_model ** -0.5), ('batch', 'length', 'act_vocab'))
+    return logits.astype(jnp.float32), {}
+
+  def forward_flops_per_token(self, seq_len: int) -> float:
+    return decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, 'gelu', self.vocab_size, seq_len)
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    return cls.config_from_fields()

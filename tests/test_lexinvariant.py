@@ -1,0 +1,126 @@
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from conftest import assert_causal, run_module
+from models import layers, lexinvariant
+from train import sample, trainer
+
+RNGS = {'lexinvariant': jax.random.key(5)}
+
+
+def build(**kw):
+  cfg = models.default_config('lexinvariant')
+  cfg.update(**{**dict(vocab_size=50, d_model=32, num_layers=2, num_heads=4, d_ff=64, max_len=24), **kw})
+  model = models.build(cfg)
+  tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 50)
+  params = nn.meta.unbox(model.init({'params': jax.random.key(1), **RNGS}, tokens))['params']
+  return model, params, tokens
+
+
+def nll(model, params, tokens, **kw):
+  logits, _ = model.apply({'params': params}, tokens[:, :-1], **kw)
+  return -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def test_permuting_the_vocabulary_leaves_the_loss_unchanged():
+  model, params, tokens = build()
+  tables = lexinvariant.random_tables(jax.random.key(2), 2, 50, 32)
+  perm = jax.random.permutation(jax.random.key(3), 50)
+  # π(x) read through table E is x read through E∘π: the same loss for every token, given the key.
+  np.testing.assert_allclose(nll(model, params, perm[tokens], tables=tables),
+                             nll(model, params, tokens, tables=tables[:, perm]), atol=1e-4)
+  # The key decides the tables: the same key gives the same losses, another key other losses.
+  np.testing.assert_array_equal(nll(model, params, tokens, rngs=RNGS), nll(model, params, tokens, rngs=RNGS))
+  assert not np.allclose(nll(model, params, tokens, rngs=RNGS),
+                         nll(model, params, tokens, rngs={'lexinvariant': jax.random.key(6)}), atol=1e-3)
+  # A standard model with learned embeddings is not invariant.
+  std, std_params, _ = build(embedding='learned')
+  assert not np.allclose(nll(std, std_params, perm[tokens]), nll(std, std_params, tokens), atol=1e-3)
+
+
+def test_same_token_same_vector_within_a_sequence_and_not_across():
+  model, params, _ = build()
+  tokens = jnp.array([[3, 7, 3, 9, 7, 3], [3, 7, 3, 9, 7, 3]])
+  _, state = model.apply({'params': params}, tokens, rngs=RNGS, mutable=['intermediates'])
+  emb = state['intermediates']['embeddings'][0]
+  np.testing.assert_array_equal(emb[0, 0], emb[0, 2])
+  np.testing.assert_array_equal(emb[0, 1], emb[0, 4])
+  assert not np.allclose(emb[0, 0], emb[0, 1])
+  assert not np.allclose(emb[0], emb[1])   # the same sequence twice in a batch: two tables
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(embedding='learned'), dict(embed_affine='scalar')])
+def test_causality(kw):
+  assert_causal(*build(**kw), vocab_size=50, rngs=RNGS)
+
+
+def test_permuted_inputs_of_the_regularised_variant():
+  tokens = jax.random.randint(jax.random.key(0), (64, 200), 0, 50)
+  np.testing.assert_array_equal(lexinvariant.permute_tokens(jax.random.key(1), tokens, 50, 0.0), tokens)
+  full = lexinvariant.permute_tokens(jax.random.key(1), tokens, 50, 1.0)
+  for row, image in zip(np.asarray(tokens), np.asarray(full)):   # one bijection per sequence
+    mapping = dict(zip(row, image))
+    assert all(mapping[a] == b for a, b in zip(row, image)) and len(set(mapping.values())) == len(mapping)
+  partial = lexinvariant.permute_tokens(jax.random.key(1), tokens, 50, 0.2)
+  changed = float(jnp.mean(partial != tokens))
+  assert 0.15 < changed < 0.2   # p, less the tokens a permutation maps to themselves (1/50)
+  # Only in training: evaluation sees the true tokens.
+  model, params, tokens = build(embedding='learned', permute_prob=0.2)
+  np.testing.assert_array_equal(model.apply({'params': params}, tokens, rngs=RNGS)[0],
+                                model.apply({'params': params}, tokens, rngs={'lexinvariant': jax.random.key(9)})[0])
+
+
+def naive_bucket(relative, bidirectional, num_buckets, max_distance):
+  n, bucket = -relative, 0
+  if bidirectional:
+    num_buckets //= 2
+    bucket += num_buckets if n < 0 else 0
+    n = abs(n)
+  else:
+    n = max(n, 0)
+  exact = num_buckets // 2
+  if n < exact:
+    return bucket + n
+  large = exact + int(math.log(n / exact) / math.log(max_distance / exact) * (num_buckets - exact))
+  return bucket + min(large, num_buckets - 1)
+
+
+@pytest.mark.parametrize('bidirectional', [False, True])
+def test_relative_position_buckets_follow_t5(bidirectional):
+  relative = np.arange(-300, 300)
+  got = layers.relative_position_bucket(jnp.asarray(relative), bidirectional=bidirectional, num_buckets=32,
+                                        max_distance=128)
+  np.testing.assert_array_equal(got, [naive_bucket(r, bidirectional, 32, 128) for r in relative])
+
+
+def test_cached_generation_equals_full_forward():
+  model, params, tokens = build()
+  prompt, key = np.asarray(tokens[0, :5]), jax.random.key(0)
+  generated = sample.generate(model, params, prompt, 10, key=key, temperature=0)
+  full = np.concatenate([prompt, generated])
+  rngs = trainer.stream_keys(model, jax.random.fold_in(key, 10))   # the table the generation used
+  logits, _ = model.apply({'params': params}, jnp.asarray(full)[None], rngs=rngs)
+  np.testing.assert_array_equal(generated, np.argmax(logits[0, 4:-1], axis=-1))
+  np.testing.assert_array_equal(generated, sample.generate_uncached(model, params, prompt, 10, key=key,
+                                                                   temperature=0))
+
+
+def test_trains_and_evaluates_over_several_tables(make_config, tmp_path):
+  config = make_config('lexinvariant', **{'train.steps': 3})
+  trainer.Trainer(config, str(tmp_path)).run()
+  out = run_module('train.evaluate', '--workdir', str(tmp_path), '--max_batches', '2', '--draws', '3',
+                   '--per_position')
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['draws'] == 3 and result['loss_std'] > 0   # each draw is another set of tables
+  assert len(result['nll_by_position']) == config.train.seq_len
+  assert np.mean(result['nll_by_position']) == pytest.approx(result['loss'], rel=1e-3)   # full windows
+  out = run_module('train.sample', '--workdir', str(tmp_path), '--prompt', 'def ', '--max_new_tokens', '5')
+  assert out.returncode == 0 and out.stdout.startswith('def '), out.stderr
