@@ -62,8 +62,10 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def train_and_evaluate(config_path: str | None, workdir: str, overrides: list[str], name: str | None = None) -> dict:
-  """Train (config_path None: the config already in `workdir`), evaluate on valid and test, return the row."""
+def train_and_evaluate(config_path: str | None, workdir: str, overrides: list[str], name: str | None = None,
+                       max_batches: int = 0) -> dict:
+  """Train (config_path None: the config already in `workdir`), evaluate on valid and test (the first
+  `max_batches` batches; 0 = whole splits), return the row."""
   flags = [f'--config.{o}' for o in overrides]
   config_flag = ['--config', config_path] if config_path else []
   train_cmd = [sys.executable, '-m', 'train', *config_flag, '--workdir', workdir, *flags]
@@ -73,7 +75,8 @@ def train_and_evaluate(config_path: str | None, workdir: str, overrides: list[st
   train_time = (datetime.datetime.now() - start).total_seconds()
   evals = {}
   for split in ('valid', 'test'):
-    line = run([sys.executable, '-m', 'train.evaluate', '--workdir', workdir, '--split', split]).strip().splitlines()[-1]
+    line = run([sys.executable, '-m', 'train.evaluate', '--workdir', workdir, '--split', split,
+                '--max_batches', str(max_batches)]).strip().splitlines()[-1]
     evals[split] = json.loads(line)
   records = read_metrics(workdir)
   with open(os.path.join(workdir, 'config.json')) as f:

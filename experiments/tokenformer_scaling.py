@@ -6,6 +6,7 @@ Rows (S = the shape's steps; configs from experiments/configs/tokenformer_scalin
   A         the small model (n_attn = d/4) for S steps
   B-zeros   A grown to n_attn = d (4x the parameter tokens) with zero new keys and pinned τ, 0.2·S more steps
   B-random  the same with random new keys and τ = √n (the paper's main runs)
+  B-gentle  B-zeros with a quarter of the peak learning rate (re-warming to the full peak disturbs A)
   C         the large model from scratch for 0.2·S steps
   D         the large model from scratch for S steps
   softmax   A with the exp+L1 activation (ablation)
@@ -23,7 +24,7 @@ import sys
 from experiments import run as runner
 
 CONFIG = 'experiments/configs/tokenformer_scaling.py'
-ROWS = ('A', 'D', 'C', 'B-zeros', 'B-random', 'softmax', 'transformer')
+ROWS = ('A', 'D', 'C', 'B-zeros', 'B-random', 'softmax', 'transformer', 'B-gentle')
 
 
 def main():
@@ -51,12 +52,13 @@ def main():
       result = runner.train_and_evaluate(config('large'), workdir(row), [], name=row)
     elif row in ('softmax', 'transformer'):
       result = runner.train_and_evaluate(config(row), workdir(row), [], name=row)
-    elif row in ('B-zeros', 'B-random'):
-      key_init = row.split('-')[1]
+    elif row in ('B-zeros', 'B-random', 'B-gentle'):
+      key_init = 'random' if row == 'B-random' else 'zeros'
       grow = ['--from', workdir('A'), '--to', workdir(row), '--add_tokens', str(3 * SHAPES[args.shape][0] // 4),
               '--key_init', key_init, *(['--pin_tau'] if key_init == 'zeros' else [])]
       runner.run([sys.executable, '-m', 'train.grow', *grow])
-      result = runner.train_and_evaluate(None, workdir(row), short, name=row)
+      lr = [f'train.lr={SHAPES[args.shape][6] / 4}'] if row == 'B-gentle' else []
+      result = runner.train_and_evaluate(None, workdir(row), short + lr, name=row)
       result['command'] = ' '.join(['python -m train.grow', *grow]) + ' && ' + result['command']
       result['train_flops'] += rows['A']['train_flops']
       result['note'] = 'grown from A at its last step; train_flops includes A'

@@ -1,7 +1,7 @@
 """Lexinvariant LMs against the standard model with the same decoder (paper §3, at small scale).
 
   --config experiments/configs/lexinvariant.py:SHAPE,CORPUS,TOKENIZER,MODEL
-    SHAPE      tiny (CPU: d=128, 4 layers, seq 256, batch 32, 1,500 steps)
+    SHAPE      tiny (CPU: d=128, 4 layers, seq 256, batch 16, 800 steps)
                | small (accelerator, the spec's §4.5: d=256, 6 layers, seq 512, batch 64, 10k steps)
     CORPUS     wikitext2 | stdlib (Python source: the "code" corpus)
     TOKENIZER  char (the 128 most frequent characters, the paper's ASCII-128 in spirit) | bpe (8,192 entries)
@@ -14,7 +14,7 @@ distance 128), no absolute positions. AdamW with cosine decay instead of the pap
 from train.config import default_config
 
 SHAPES = {   # d_model, layers, heads, seq_len, batch, steps
-    'tiny': (128, 4, 4, 256, 32, 1500),
+    'tiny': (128, 4, 4, 256, 16, 800),
     'small': (256, 6, 4, 512, 64, 10000),
 }
 
