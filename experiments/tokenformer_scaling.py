@@ -43,7 +43,7 @@ def main():
   workdir = lambda row: os.path.join(args.runs, name, row)
   config = lambda row: f'{CONFIG}:{args.shape},{row}'
 
-  for row in args.rows.split(','):
+  for row in filter(None, args.rows.split(',')):   # --rows '' only re-renders
     if row == 'A':
       result = runner.train_and_evaluate(config('small'), workdir(row), [], name=row)
     elif row == 'C':
@@ -72,8 +72,23 @@ def main():
   ordered = [rows[r] for r in ROWS if r in rows]
   plot = plot_curves(ordered, steps, os.path.join(args.results, f'{name}.png'))
   with open(os.path.join(args.results, f'{name}.md'), 'w') as f:
-    f.write(runner.render(name, ordered, plot))
+    f.write(runner.render(name, ordered, plot) + summary(rows))
   print(open(os.path.join(args.results, f'{name}.md')).read())
+
+
+def summary(rows: dict) -> str:
+  """The Table 6 comparison in words: each grown row against C and D, with its share of D's compute."""
+  if not {'C', 'D'} <= set(rows):
+    return ''
+  lines = ['', '## Grown against scratch', '']
+  for name in (r for r in ROWS if r.startswith('B-') and r in rows):
+    b, c, d = rows[name], rows['C'], rows['D']
+    lines.append(f'- {name}: valid ppl {b["valid_ppl"]:.3f} with {b["train_flops"] / d["train_flops"]:.0%} of D\'s '
+                 f'training FLOPs (A included); D (large, S steps) {d["valid_ppl"]:.3f}, C (large, 0.2 S steps, '
+                 f'{c["train_flops"] / d["train_flops"]:.0%}) {c["valid_ppl"]:.3f}. B closes '
+                 f'{(rows["A"]["valid_ppl"] - b["valid_ppl"]) / (rows["A"]["valid_ppl"] - d["valid_ppl"]):.0%} of the '
+                 'gap from A to D.')
+  return '\n'.join(lines) + '\n'
 
 
 def plot_curves(rows: list[dict], steps: int, path: str) -> str:

@@ -13,7 +13,8 @@ from scipy.special import erf
 import models
 from conftest import assert_causal, run_module
 from models import tokenformer
-from train import restore, sample, trainer
+from train import config as config_lib, restore, sample, trainer
+from train.grow import grow_run
 
 EIGHT_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 
@@ -147,7 +148,7 @@ def test_grow_cli_end_to_end(make_config, tmp_path):
   assert summary['n_attn'] == config.model.n_attn + 8 and summary['n_ffn'] == config.model.n_ffn + 32
   assert summary['train_offset'] == 4 * config.train.batch_size   # the data continues where A stopped
   small_setup, small = restore.load_run(config, str(tmp_path / 'small'))
-  big_config = trainer.config_lib.load_workdir_config(str(tmp_path / 'big'))
+  big_config = config_lib.load_workdir_config(str(tmp_path / 'big'))
   big_setup, big = restore.load_run(big_config, str(tmp_path / 'big'))
   evaluate = lambda setup, state: setup.evaluate(setup.make_eval_step(), state['params'], {}, 'valid', 2)['loss']
   assert evaluate(big_setup, big) == pytest.approx(evaluate(small_setup, small), abs=1e-5)
@@ -174,8 +175,8 @@ def test_grow_cli_end_to_end(make_config, tmp_path):
 
 def test_grow_refuses_other_models(make_config, tmp_path):
   trainer.Trainer(make_config('transformer', **{'train.steps': 1}), str(tmp_path / 'gpt')).run()
-  out = run_module('train.grow', '--from', str(tmp_path / 'gpt'), '--to', str(tmp_path / 'x'), '--add_tokens', '8')
-  assert out.returncode == 2 and out.stderr.strip() == "error: model 'transformer' cannot grow by parameter tokens"
+  with pytest.raises(config_lib.ConfigError, match="^model 'transformer' cannot grow by parameter tokens$"):
+    grow_run(str(tmp_path / 'gpt'), str(tmp_path / 'x'), 8)
 
 
 def test_grow_keeps_a_sharded_checkpoint_sharded(tmp_path):
