@@ -72,7 +72,6 @@ def load(workdir: str):
 
 
 def hidden_states(setup, params, tokens, key):
-  import jax
   from train.trainer import stream_keys
   _, state = setup.model.apply({'params': params}, tokens, rngs=stream_keys(setup.model, key),
                                mutable=['intermediates'])
