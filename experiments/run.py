@@ -121,11 +121,11 @@ def best_valid_ppl(row: dict) -> float:
   return min(candidates)
 
 
-def render(name: str, rows: list[dict], plot: str | None) -> str:
+def render(name: str, rows: list[dict], plot: str | None, producer: str = 'python -m experiments.run') -> str:
   for r in rows:
     r['best_valid_ppl'] = best_valid_ppl(r)
     r['ratio_to_first'] = r['best_valid_ppl'] / rows[0]['best_valid_ppl']
-  lines = [f'# {name}', '', 'Produced by `python -m experiments.run` (see each row\'s command). Perplexity is per '
+  lines = [f'# {name}', '', f'Produced by `{producer}` (see each row\'s command). Perplexity is per '
            'token of the run\'s tokenizer; bits per byte is total NLL over the split\'s UTF-8 bytes '
            '(comparable across tokenizers). best_valid_ppl is the lowest whole-validation-split perplexity among '
            'the evaluations during training (the final checkpoint gives valid_ppl/test_ppl); ratio_to_first is '

@@ -72,7 +72,8 @@ def main():
   ordered = [rows[r] for r in ROWS if r in rows]
   plot = plot_curves(ordered, steps, os.path.join(args.results, f'{name}.png'))
   with open(os.path.join(args.results, f'{name}.md'), 'w') as f:
-    f.write(runner.render(name, ordered, plot) + summary(rows))
+    f.write(runner.render(name, ordered, plot, f'python -m experiments.tokenformer_scaling --shape {args.shape}')
+            + summary(rows))
   print(open(os.path.join(args.results, f'{name}.md')).read())
 
 
