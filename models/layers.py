@@ -144,6 +144,19 @@ class RelativePositionBias(nn.Module):
     return jnp.moveaxis(table[buckets], -1, 1)
 
 
+def sequence_positions(module: nn.Module, length: int, decode: bool) -> jax.Array:
+  """[1, length] positions of the tokens fed now: 0.. in a forward pass; when decoding they continue
+  from a count kept in `module`'s 'cache' collection."""
+  positions = jnp.arange(length)[None]
+  if not decode:
+    return positions
+  index = module.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
+  positions = positions + index.value
+  if not module.is_initializing():
+    index.value = index.value + length
+  return positions
+
+
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
   """[batch, 1, q, k] boolean mask: key position <= query position."""
   return (k_positions[:, None, None, :] <= q_positions[:, None, :, None])

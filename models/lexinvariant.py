@@ -96,14 +96,11 @@ class Lexinvariant(LanguageModel):
       x, readout = embed(tokens), embed.attend
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
-    positions = jnp.arange(length)[None]       # the same for every row: one bias for the batch
+    positions = layers.sequence_positions(self, length, decode)   # the same for every row: one bias for the batch
     key_positions = positions
-    if decode:   # queries continue from the cache; keys are the cache slots
-      index = self.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
-      slots = self.variable('cache', 'key_positions', lambda: jnp.arange(length)[None])
-      positions, key_positions = positions + index.value, slots.value
-      if not self.is_initializing():
-        index.value = index.value + length
+    if decode:   # keys are the cache slots; the initialising call's length is the cache's
+      slots = self.variable('cache', 'slots', jnp.zeros, (length,), jnp.bool_)
+      key_positions = jnp.arange(slots.value.shape[0])[None]
     bias = layers.RelativePositionBias(self.num_heads, num_buckets=self.num_buckets, max_distance=self.max_distance,
                                        name='position_bias')(positions, key_positions)
     mask = None if decode else layers.causal_mask(positions, key_positions)

@@ -87,13 +87,7 @@ class Transformer(LanguageModel):
     dtype = jnp.dtype(self.dtype)
     embed = layers.Embed(self.vocab_size, self.d_model, dtype=dtype, name='embed')
     x = embed(tokens)
-    batch, length = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    if decode:   # absolute positions continue from the cache
-      index = self.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
-      positions = positions + index.value
-      if not self.is_initializing():
-        index.value = index.value + length
+    positions = jnp.broadcast_to(layers.sequence_positions(self, tokens.shape[1], decode), tokens.shape)
     if self.positions == 'learned':
       x = x + layers.LearnedPositions(self.max_len, self.d_model, dtype=dtype, name='pos_embed')(positions)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)

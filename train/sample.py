@@ -20,12 +20,11 @@ from train.trainer import mask_padded_vocab, stream_keys
 
 
 def init_cache(model, batch: int, length: int):
-  """The decode cache for `length` positions, from an abstract init: zeros, except any variable the model
-  initialises with values (e.g. the positions of the cache slots)."""
-  def init():
-    rngs = {'params': jax.random.key(0), **stream_keys(model, jax.random.key(0))}
-    return model.init(rngs, tokens=jnp.zeros((batch, length), jnp.int32), train=False, decode=True)['cache']
-  return jax.jit(init)()
+  """Zeroed decode cache for `length` positions (shapes from an abstract init, nothing else allocated)."""
+  rngs = {'params': jax.random.key(0), **stream_keys(model, jax.random.key(0))}
+  abstract = jax.eval_shape(lambda: model.init(rngs, tokens=jnp.zeros((batch, length), jnp.int32), train=False,
+                                               decode=True))
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract['cache'])
 
 
 def decode_step_fn(model):
