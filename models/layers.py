@@ -193,7 +193,9 @@ class Attention(nn.Module):
 
   mask: boolean [batch, 1|heads, q, k] (True = may attend). With `decode=True` the layer keeps
   `cached_key`/`cached_value`/`cache_index` in the 'cache' collection; feed a prompt chunk first,
-  then one token at a time; the mask is then built from positions (causal).
+  then one token at a time; the mask is then built from positions (causal). `kv_valid` [batch, kv]
+  marks keys that may be attended at all (kept with the cache when decoding); `cache_slot` suffixes the
+  cache names, so that one layer applied several times (shared recursive layers) keeps a cache per use.
   """
   num_heads: int
   head_dim: int
@@ -208,7 +210,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, kv_inputs=None, *, mask=None, bias=None, positions=None, kv_positions=None,
-               decode: bool = False, train: bool = False):
+               kv_valid=None, decode: bool = False, train: bool = False, cache_slot: str = ''):
     kv_inputs = x if kv_inputs is None else kv_inputs
     kv_heads = self.num_kv_heads or self.num_heads
     q = self.project_in(x, self.num_heads, 'query')
@@ -218,10 +220,14 @@ class Attention(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     if decode:
-      k, v, positions, kv_positions, mask = self._update_cache(k, v, positions.shape[1])
+      k, v, positions, kv_positions, mask, kv_valid = self._update_cache(k, v, positions.shape[1], kv_valid,
+                                                                         cache_slot)
     elif kv_positions is None:
       kv_positions = positions if kv_inputs is x else jnp.broadcast_to(
           jnp.arange(kv_inputs.shape[1]), kv_inputs.shape[:2])
+    if kv_valid is not None:
+      valid = kv_valid[:, None, None, :]
+      mask = valid if mask is None else mask & valid
     if self.use_rope:
       q = rope(q, positions, base=self.rope_base, fraction=self.rope_fraction)
       if not decode:   # cached keys were rotated when written
@@ -245,23 +251,30 @@ class Attention(nn.Module):
     return dense(features, ('heads', 'kv', 'embed'), axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
                  kernel_init=self.out_init, name='out')(out)
 
-  def _update_cache(self, k, v, length):
-    """Write the new keys/values at cache_index; return the full cache, positions and causal mask."""
-    is_init = not self.has_variable('cache', 'cached_key')
-    cached_k = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
-    cached_v = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
-    index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+  def _update_cache(self, k, v, length, kv_valid, slot):
+    """Write the new keys/values (and validity) at cache_index; return the full cache, positions, causal
+    mask and key validity."""
+    is_init = not self.has_variable('cache', f'cached_key{slot}')
+    cached_k = self.variable('cache', f'cached_key{slot}', jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable('cache', f'cached_value{slot}', jnp.zeros, v.shape, v.dtype)
+    index = self.variable('cache', f'cache_index{slot}', lambda: jnp.zeros((), jnp.int32))
     batch, max_len = cached_k.value.shape[:2]
     q_positions = jnp.broadcast_to(index.value + jnp.arange(length), (batch, length))
     k_positions = jnp.broadcast_to(jnp.arange(max_len), (batch, max_len))
+    cached_valid = None if kv_valid is None else self.variable('cache', f'cached_valid{slot}', jnp.zeros,
+                                                                 kv_valid.shape, jnp.bool_)
     if is_init:   # initialising the cache: shapes only
-      return k, v, q_positions, k_positions[:, :length], causal_mask(q_positions, k_positions[:, :length])
+      return k, v, q_positions, k_positions[:, :length], causal_mask(q_positions, k_positions[:, :length]), kv_valid
     if self.use_rope:   # store keys already rotated at their absolute positions
       k = rope(k, q_positions, base=self.rope_base, fraction=self.rope_fraction)
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, index.value, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, index.value, 0, 0))
+    write = lambda cache, new: jax.lax.dynamic_update_slice(
+        cache, new.astype(cache.dtype), (0, index.value) + (0,) * (cache.ndim - 2))
+    cached_k.value, cached_v.value = write(cached_k.value, k), write(cached_v.value, v)
+    if cached_valid is not None:
+      cached_valid.value = kv_valid = write(cached_valid.value, kv_valid)
     index.value = index.value + length
-    return cached_k.value, cached_v.value, q_positions, k_positions, causal_mask(q_positions, k_positions)
+    return (cached_k.value, cached_v.value, q_positions, k_positions, causal_mask(q_positions, k_positions),
+            kv_valid)
 
 
 class Mlp(nn.Module):

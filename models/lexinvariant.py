@@ -58,6 +58,10 @@ class Lexinvariant(LanguageModel):
   embedding: str = 'random'      # random (lexinvariant) | learned (standard)
   permute_prob: float = 0.0      # learned only: the regularised variant's p (0.2 in the paper)
   embed_affine: str = 'vector'   # the learned scale and bias on E(x): per dimension (vector) or scalar
+  # The paper does not say how the scale starts. At 1 the residual stream carries E(x_t) itself, so the tied
+  # readout first predicts "repeat the current token" (loss ~√d nats) and the tiny CPU model stayed at the
+  # uniform loss for 550 steps; from 0 the model grows token identity into the stream as it learns to use it.
+  embed_scale_init: float = 0.0
   num_buckets: int = 32          # T5 relative position buckets
   max_distance: int = 128
   dropout: float = 0.0
@@ -83,7 +87,8 @@ class Lexinvariant(LanguageModel):
         tables = random_tables(self.make_rng(STREAM), batch, self.vocab_size, self.d_model)
       tables = layers.constrain(tables, ('batch', 'act_vocab', 'act_embed'))
       affine_shape = (self.d_model,) if self.embed_affine == 'vector' else (1,)
-      scale = self.param('embed_scale', layers.logical(nn.initializers.ones_init(), ('norm',)), affine_shape)
+      scale = self.param('embed_scale', layers.logical(nn.initializers.constant(self.embed_scale_init), ('norm',)),
+                         affine_shape)
       shift = self.param('embed_bias', layers.logical(nn.initializers.zeros_init(), ('norm',)), affine_shape)
       x = (jnp.take_along_axis(tables, tokens[..., None], axis=1) * scale + shift).astype(dtype)
       self.sow('intermediates', 'embeddings', x)

@@ -32,23 +32,28 @@ class Block(nn.Module):
   dropout: float
   dtype: layers.Dtype
   out_init: layers.Initializer
+  num_kv_heads: int | None = None   # grouped-query attention
 
   @nn.compact
-  def __call__(self, x, mask, positions, decode, train, bias=None):
+  def __call__(self, x, mask, positions, decode, train, bias=None, kv_inputs=None, **attention_kwargs):
+    """`kv_inputs`: the block inputs to take keys and values from instead of `x` (normalised here like
+    `x`); `attention_kwargs` go to `layers.Attention` (kv_positions, kv_valid, cache_slot)."""
     attention = layers.Attention(
-        num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, use_rope=self.use_rope,
-        use_bias=self.use_bias, dropout=self.dropout, dtype=self.dtype, out_init=self.out_init, name='attention')
+        num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, num_kv_heads=self.num_kv_heads,
+        use_rope=self.use_rope, use_bias=self.use_bias, dropout=self.dropout, dtype=self.dtype,
+        out_init=self.out_init, name='attention')
     mlp = layers.Mlp(hidden=self.d_ff, kind=self.mlp, use_bias=self.use_bias, dropout=self.dropout,
                      dtype=self.dtype, out_init=self.out_init, name='mlp')
     norm1 = layers.norm(self.norm, dtype=self.dtype, use_bias=self.use_bias, name='norm1')
     norm2 = layers.norm(self.norm, dtype=self.dtype, use_bias=self.use_bias, name='norm2')
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
-    attend = lambda y: attention(y, mask=mask, bias=bias, positions=positions, decode=decode, train=train)
+    attend = lambda y, kv=None: attention(y, kv, mask=mask, bias=bias, positions=positions, decode=decode,
+                                          train=train, **attention_kwargs)
     if self.prenorm:
-      x = x + drop(attend(norm1(x)))
+      x = x + drop(attend(norm1(x), None if kv_inputs is None else norm1(kv_inputs)))
       x = x + drop(mlp(norm2(x), train=train))
     else:   # post-LN (original Transformer)
-      x = norm1(x + drop(attend(x)))
+      x = norm1(x + drop(attend(x, kv_inputs)))
       x = norm2(x + drop(mlp(x, train=train)))
     return x
 

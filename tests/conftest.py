@@ -18,6 +18,7 @@ TINY_MODELS = {
     'grassmann': dict(d_model=32, num_layers=2, d_ff=64, max_len=32, rank=8, offsets=(1, 2, 4), dropout=0.0),
     'tokenformer': dict(d_model=32, num_layers=2, num_heads=2, n_attn=24, n_ffn=96, max_len=32),
     'lexinvariant': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32),
+    'mor': dict(d_model=32, num_layers=5, num_recursions=3, num_heads=2, d_ff=64, max_len=32),
 }
 
 
@@ -67,6 +68,7 @@ BASE_CONFIG_FILES = {
     'grassmann': 'experiments/configs/grassmann_wikitext2.py:tiny,grassmann,wordpiece',
     'tokenformer': 'experiments/configs/tokenformer_scaling.py:tiny,small',
     'lexinvariant': 'experiments/configs/lexinvariant.py:tiny,stdlib,char,random',
+    'mor': 'experiments/configs/mor.py:tiny,mor3',
 }
 
 

@@ -17,7 +17,9 @@ RNGS = {'lexinvariant': jax.random.key(5)}
 
 def build(**kw):
   cfg = models.default_config('lexinvariant')
-  cfg.update(**{**dict(vocab_size=50, d_model=32, num_layers=2, num_heads=4, d_ff=64, max_len=24), **kw})
+  # A non-zero embedding scale, so that the tables reach the residual stream from the start.
+  cfg.update(**{**dict(vocab_size=50, d_model=32, num_layers=2, num_heads=4, d_ff=64, max_len=24, embed_scale_init=1.0),
+                **kw})
   model = models.build(cfg)
   tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 50)
   params = nn.meta.unbox(model.init({'params': jax.random.key(1), **RNGS}, tokens))['params']

@@ -49,6 +49,7 @@ def default_config(model: str = 'transformer') -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=16, seq_len=128, grad_accum=1,
       lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
+      schedule='cosine', decay_fraction=0.2,   # cosine | wsd (constant, then linear over the last decay_fraction)
       log_every=10, eval_every=500, eval_batches=0,   # eval_batches 0 = the whole validation split
       stop_at=0,   # end this invocation at this step with a checkpoint (time-sliced jobs); 0 = run to train.steps
       peak_flops_per_device=0.0,                       # for MFU; 0 = from the device kind
@@ -67,6 +68,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'train.{key}={t[key]} must be positive')
   if t.lr <= 0:
     raise ConfigError(f'train.lr={t.lr} must be positive')
+  if t.get('schedule', 'cosine') not in ('cosine', 'wsd') or not 0 < t.get('decay_fraction', 0.2) <= 1:
+    raise ConfigError(f"train.schedule={t.get('schedule')!r} must be 'cosine' or 'wsd', with train.decay_fraction "
+                      'in (0, 1]')
   if t.batch_size % t.grad_accum:
     raise ConfigError(f'train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}')
   if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:

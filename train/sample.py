@@ -29,8 +29,9 @@ def init_cache(model, batch: int, length: int):
 
 def decode_step_fn(model):
   @jax.jit
-  def step(params, cache, tokens, stream_key):
-    (logits, _), updated = model.apply({'params': params, 'cache': cache}, tokens=tokens, train=False, decode=True,
+  def step(params, cache, tokens, stream_key, model_state=None):
+    variables = {'params': params, 'cache': cache, **(model_state or {})}
+    (logits, _), updated = model.apply(variables, tokens=tokens, train=False, decode=True,
                                        rngs=stream_keys(model, stream_key), mutable=['cache'])
     return logits[:, -1], updated['cache']
   return step
@@ -49,34 +50,35 @@ def pick_token(logits, key, temperature: float, top_k: int, vocab_limit: int | N
 
 
 def generate(model, params, prompt: np.ndarray, max_new_tokens: int, *, key, temperature: float = 1.0,
-             top_k: int = 0, vocab_limit: int | None = None) -> np.ndarray:
+             top_k: int = 0, vocab_limit: int | None = None, model_state: dict | None = None) -> np.ndarray:
   """Continue `prompt` ([length] ids) by `max_new_tokens` with the model's KV cache; models without a
-  decode cache fall back to `generate_uncached`."""
+  decode cache fall back to `generate_uncached`. `model_state`: the run's non-parameter variables."""
   try:
     step = decode_step_fn(model)
     cache = init_cache(model, 1, len(prompt) + max_new_tokens)
   except NotImplementedError:
     return generate_uncached(model, params, prompt, max_new_tokens, key=key, temperature=temperature, top_k=top_k,
-                             vocab_limit=vocab_limit)
+                             vocab_limit=vocab_limit, model_state=model_state)
   stream_key = jax.random.fold_in(key, max_new_tokens)   # not one of the per-token sampling keys
-  logits, cache = step(params, cache, jnp.asarray(prompt, jnp.int32)[None], stream_key)
+  logits, cache = step(params, cache, jnp.asarray(prompt, jnp.int32)[None], stream_key, model_state)
   out = []
   for i in range(max_new_tokens):
     token = pick_token(logits, jax.random.fold_in(key, i), temperature, top_k, vocab_limit)
     out.append(int(token[0]))
     if i + 1 < max_new_tokens:
-      logits, cache = step(params, cache, token[:, None].astype(jnp.int32), stream_key)
+      logits, cache = step(params, cache, token[:, None].astype(jnp.int32), stream_key, model_state)
   return np.asarray(out, np.int32)
 
 
 def generate_uncached(model, params, prompt: np.ndarray, max_new_tokens: int, *, key, temperature: float = 1.0,
-                      top_k: int = 0, vocab_limit: int | None = None) -> np.ndarray:
+                      top_k: int = 0, vocab_limit: int | None = None, model_state: dict | None = None) -> np.ndarray:
   """Generation by a full causal forward over a fixed-size buffer (one compilation): position t's
   logits never depend on the zeros after it. O(length) work per token, for models without a cache."""
   buffer = np.zeros((1, len(prompt) + max_new_tokens), np.int32)
   buffer[0, :len(prompt)] = prompt
   rngs = stream_keys(model, jax.random.fold_in(key, max_new_tokens))
-  forward = jax.jit(lambda p, tokens: model.apply({'params': p}, tokens=tokens, train=False, rngs=rngs)[0][0])
+  forward = jax.jit(lambda p, tokens: model.apply({'params': p, **(model_state or {})}, tokens=tokens, train=False,
+                                                  rngs=rngs)[0][0])
   for i in range(max_new_tokens):
     position = len(prompt) + i
     logits = forward(params, jnp.asarray(buffer))[position - 1][None]
@@ -108,7 +110,8 @@ def main(argv):
     raise config_lib.ConfigError(f'prompt ({prompt.size} tokens) + --max_new_tokens={fv.max_new_tokens} '
                                  f'exceeds model.max_len={max_len}')
   ids = generate(setup.model, state['params'], prompt, fv.max_new_tokens, key=jax.random.key(fv.seed),
-                 temperature=fv.temperature, top_k=fv.top_k, vocab_limit=setup.vocab_limit)
+                 temperature=fv.temperature, top_k=fv.top_k, vocab_limit=setup.vocab_limit,
+                 model_state=state['model_state'])
   if jax.process_index() == 0:
     sys.stdout.write(fv.prompt + tokenizer.decode(ids) + '\n')
 

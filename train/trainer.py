@@ -27,12 +27,19 @@ NOT_INPUTS = ('targets', 'weights')
 
 
 def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup and cosine decay to lr * min_lr_ratio, global-norm clipping (grad_clip 0 = off).
-  Weight decay applies to matrices only (not norms or biases)."""
+  """AdamW with linear warmup, then cosine decay to lr * min_lr_ratio (`schedule=cosine`) or constant and a
+  linear cool-down to it over the last `decay_fraction` of the steps (`wsd`, MoR's trapezoid);
+  global-norm clipping (grad_clip 0 = off). Weight decay applies to matrices only (not norms or biases)."""
   warmup = min(t.warmup_steps, t.steps)
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.lr, warmup_steps=warmup, decay_steps=max(t.steps, warmup + 1),
-      end_value=t.lr * t.min_lr_ratio)
+  if t.get('schedule', 'cosine') == 'wsd':
+    cooldown = max(1, min(int(t.steps * t.decay_fraction), t.steps - warmup))
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, t.lr, max(warmup, 1)), optax.constant_schedule(t.lr),
+         optax.linear_schedule(t.lr, t.lr * t.min_lr_ratio, cooldown)], [warmup, t.steps - cooldown])
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.lr, warmup_steps=warmup, decay_steps=max(t.steps, warmup + 1),
+        end_value=t.lr * t.min_lr_ratio)
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
   optimizer = optax.chain(
       optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),

@@ -1,0 +1,63 @@
+"""Mixture-of-Recursions against its baselines at equal training FLOPs (the spec's §3.8 in shape).
+
+  --config experiments/configs/mor.py:SHAPE,ROW[,BUDGET]
+    SHAPE   tiny (CPU: d=128, 4 heads, seq 128, batch 16, vanilla 400 steps)
+            | small (accelerator, the spec's §3.8: d=256, seq 512, batch 32, vanilla 4,000 steps)
+    ROW     vanilla (6 unique layers) | recursive (Middle-Cycle 1 + 4 x 3 + 1, every token every recursion)
+            | mor2 (expert-choice, 1 + 4 x 2 + 1) | mor3 (expert-choice, 1 + 4 x 3 + 1)
+            | mor3_token (token-choice) | mor3_kvshare (expert-choice, recursive KV sharing)
+    BUDGET  flops (default: steps so that the analytic training FLOPs equal vanilla's)
+            | tokens (vanilla's steps, hence its tokens)
+
+Every row has the same six unique layers' worth of blocks except vanilla, whose six are all unique
+(Llama: RMSNorm, RoPE, SwiGLU, tied embeddings), on WikiText-2 bytes. AdamW (0.9, 0.95), weight decay
+0.1, clipping 1.0, and the paper's trapezoid schedule (5% warm-up, linear cool-down over the last 20%).
+"""
+
+import math
+
+from train.config import build_model, default_config
+
+SHAPES = {   # d_model, heads, d_ff, seq_len, batch, vanilla steps, lr
+    'tiny': (128, 4, 344, 128, 16, 400, 3e-3),
+    'small': (256, 4, 688, 512, 32, 4000, 3e-3),
+}
+ROWS = {   # registered model, unrolled layers, recursions, model overrides
+    'vanilla': ('llama', 6, 1, {}),
+    'recursive': ('recursive', 14, 3, {}),
+    'mor2': ('mor', 10, 2, {}),
+    'mor3': ('mor', 14, 3, {}),
+    'mor3_token': ('mor', 14, 3, dict(router='token')),
+    'mor3_kvshare': ('mor', 14, 3, dict(kv_sharing=True)),
+}
+
+
+def model_config(name: str, d: int, heads: int, d_ff: int, seq_len: int, row: str):
+  c = default_config(name)
+  _, layers, recursions, overrides = ROWS[row]
+  c.model.update(d_model=d, num_heads=heads, d_ff=d_ff, max_len=seq_len, num_layers=layers,
+                 num_recursions=recursions, **overrides)
+  c.data.update(corpus='wikitext2', dir='../shared/data/wikitext-2', tokenizer='byte')
+  return c
+
+
+def get_config(arg='tiny,mor3'):
+  shape, row, *budget = arg.split(',')
+  budget = budget[0] if budget else 'flops'
+  if budget not in ('flops', 'tokens'):
+    raise ValueError(f'budget {budget!r} must be flops or tokens')
+  d, heads, d_ff, seq_len, batch, vanilla_steps, lr = SHAPES[shape]
+  c = model_config(ROWS[row][0], d, heads, d_ff, seq_len, row)
+  steps = vanilla_steps
+  if budget == 'flops':
+    # Training FLOPs are steps x tokens x (3 x forward FLOPs per token): equal them to vanilla's.
+    vanilla = build_model(model_config('llama', d, heads, d_ff, seq_len, 'vanilla'), vocab_size=257)
+    steps = math.floor(vanilla_steps * vanilla.flops_per_token(seq_len)
+                       / build_model(c, vocab_size=257).flops_per_token(seq_len))
+  c.train.update(steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, schedule='wsd', decay_fraction=0.2,
+                 min_lr_ratio=0.0, warmup_steps=max(1, steps // 20), weight_decay=0.1, grad_clip=1.0,
+                 log_every=25, eval_every=steps, eval_batches=50)
+  c.checkpoint.every = max(1, steps // 2)
+  c.wandb.mode = 'disabled'
+  c.wandb.name = f'mor-{shape}-{row}-{budget}'
+  return c

@@ -1,0 +1,187 @@
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from conftest import assert_causal, config_flags, run_module
+from models import mor
+from train import sample
+
+VOCAB = 50
+
+
+def build(name='mor', **kw):
+  cfg = models.default_config(name)
+  cfg.update(vocab_size=VOCAB, d_model=32, num_heads=4, d_ff=64, **({} if name == 'llama' else dict(num_layers=8)))
+  cfg.update(**kw)
+  model = models.build(cfg)
+  tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, VOCAB)
+  variables = nn.meta.unbox(model.init({'params': jax.random.key(1)}, tokens))
+  return model, variables.pop('params'), variables, tokens
+
+
+def selections(model, params, tokens, train=False):
+  apply = jax.jit(lambda p, t: model.apply({'params': p}, t, train=train, mutable=['intermediates']))
+  (_, aux), state = apply(params, tokens)
+  return np.asarray(state['intermediates']['selected'][0]), aux
+
+
+def test_sharing_schemes_map_layers_as_the_spec_table():
+  # L = 9, N_r = 3 (spec §3.1): Cycle (0,1,2)x3, Sequence (0,0,0),(1,1,1),(2,2,2).
+  assert mor.layer_plan(9, 3, 'cycle') == [f'block_{i}' for i in (0, 1, 2, 0, 1, 2, 0, 1, 2)]
+  assert mor.layer_plan(9, 3, 'sequence') == [f'block_{i}' for i in (0, 0, 0, 1, 1, 1, 2, 2, 2)]
+  # The middle schemes keep the first and last layer unique: 1 + 2 x 3 + 1.
+  assert mor.layer_plan(8, 3, 'middle_cycle') == ['first'] + [f'block_{i}' for i in (0, 1, 0, 1, 0, 1)] + ['last']
+  assert mor.layer_plan(8, 3, 'middle_sequence') == ['first'] + [f'block_{i}' for i in (0, 0, 0, 1, 1, 1)] + ['last']
+  # The parameters hold the pool once: 4 unique blocks for 8 unrolled layers, 6 for a vanilla 6-layer model.
+  _, params, _, _ = build('recursive', num_layers=8, sharing='middle_sequence')
+  assert sorted(k for k in params if k.startswith(('block', 'first', 'last'))) == ['block_0', 'block_1', 'first', 'last']
+  _, vanilla, _, _ = build('llama')
+  assert sorted(k for k in vanilla if k.startswith('block')) == [f'block_{i}' for i in range(6)]
+  with pytest.raises(ValueError, match='num_recursions=3 must divide'):
+    build('recursive', num_layers=9, sharing='middle_cycle')
+  with pytest.raises(ValueError, match='needs a cycle sharing scheme'):
+    build('mor', sharing='middle_sequence')
+
+
+def test_topk_capacities_and_hierarchical_filtering():
+  model, params, _, tokens = build()
+  selected, aux = selections(model, params, tokens, train=True)
+  # Capacities 1, 2/3, 1/3 of 24 tokens, per sequence.
+  np.testing.assert_array_equal(selected.sum(-1), [[24, 24], [16, 16], [8, 8]])
+  assert (selected[1] <= selected[0]).all() and (selected[2] <= selected[1]).all()   # nested
+  np.testing.assert_allclose([aux[f'mor/utilisation_r{r}'] for r in (1, 2, 3)], [1, 2 / 3, 1 / 3], rtol=1e-6)
+  # Custom capacities; at evaluation with thresholds the selection is σ > 0.5 among the survivors.
+  custom, params2, _, _ = build(capacities='1,0.5,0.25')
+  np.testing.assert_array_equal(selections(custom, params2, tokens, train=True)[0].sum(-1), [[24, 24], [12, 12], [6, 6]])
+  evaluated, _ = selections(model, params, tokens)
+  assert evaluated[0].all() and (evaluated[2] <= evaluated[1]).all() and 0 < evaluated[1].sum() < evaluated[1].size
+  with pytest.raises(ValueError, match='non-increasing'):
+    build(capacities='1,0.3,0.6')
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(kv_sharing=True), dict(num_recursions=2, num_layers=6)])
+def test_gathered_topk_equals_the_dense_reference(kw):
+  model, params, _, tokens = build(**kw)
+  dense = build(gather=False, **kw)[0]
+  (logits, aux), (ref_logits, ref_aux) = (m.apply({'params': params}, tokens, train=True) for m in (model, dense))
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+  for key in aux:
+    np.testing.assert_allclose(aux[key], ref_aux[key], atol=1e-6, err_msg=key)
+
+
+def test_kv_sharing_attends_every_token_at_deeper_recursions():
+  model, params, _, tokens = build(kv_sharing=True)
+  plain = build()[0]
+  assert not np.allclose(model.apply({'params': params}, tokens, train=True)[0],
+                         plain.apply({'params': params}, tokens, train=True)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize('router', ['expert', 'token'])
+def test_gradient_reaches_the_router(router):
+  model, params, _, tokens = build(router=router)
+
+  def lm_loss(p):   # the language-model loss alone: the routers learn through their gates
+    logits, _ = model.apply({'params': p}, tokens[:, :-1], train=True)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1).mean()
+
+  grads = jax.jit(jax.grad(lm_loss))(params)
+  names = [f'router_{r}' for r in range(3)] if router == 'expert' else ['router']
+  for name in names:
+    assert np.abs(grads[name]['kernel']).max() > 0, name
+
+
+def test_auxiliary_losses():
+  model, params, _, tokens = build()
+  logits, aux = model.apply({'params': params}, tokens, train=True)
+  assert 0 < aux['loss/router_bce'] < 1e-3 * 3 * 1.0   # three BCEs near ln 2 at init, times 1e-3
+  _, aux_z = build(z_loss_coef=1e-3)[0].apply({'params': params}, tokens, train=True)
+  assert aux_z['loss/router_z'] > 0
+  token, tparams, _, _ = build(router='token')
+  _, taux = token.apply({'params': tparams}, tokens, train=True)
+  np.testing.assert_allclose(sum(taux[f'mor/depth_{i}_fraction'] for i in (1, 2, 3)), 1.0, rtol=1e-6)
+  # Switch balancing: 0.1 · N Σ f_i P_i is 0.1 at perfect balance and larger otherwise (here at init ~0.1).
+  assert 0.09 < taux['loss/router_balance'] < 0.2
+  # Loss-free balancing moves the selection bias towards under-loaded depths.
+  free, fparams, state, _ = build(router='token', token_balancing='loss_free')
+  (_, faux), new_state = free.apply({'params': fparams, **state}, tokens, train=True, mutable=['router_state'])
+  load = np.array([faux[f'mor/depth_{i}_fraction'] for i in (1, 2, 3)])
+  np.testing.assert_allclose(new_state['router_state']['bias'], 1e-3 * np.sign(load.mean() - load), atol=1e-9)
+
+
+@pytest.mark.parametrize('name,kw', [('llama', {}), ('recursive', {}), ('mor', {}), ('mor', dict(router='token')),
+                                     ('mor', dict(kv_sharing=True)), ('mor', dict(num_kv_heads=2))])
+def test_causality_in_evaluation(name, kw):
+  model, params, _, tokens = build(name, **kw)
+  assert_causal(model, params, tokens, VOCAB)
+
+
+@pytest.mark.parametrize('name,kw', [('llama', {}), ('recursive', dict(sharing='middle_sequence')), ('mor', {}),
+                                     ('mor', dict(router='token', token_balancing='loss_free')),
+                                     ('mor', dict(kv_sharing=True, num_kv_heads=2))])
+def test_cached_decode_equals_full_forward(name, kw):
+  model, params, state, tokens = build(name, **kw)
+  full, _ = model.apply({'params': params, **state}, tokens)
+  if name == 'mor' and kw.get('router', 'expert') == 'expert':   # the test means something: some tokens skip
+    skipped = selections(model, params, tokens)[0]
+    assert 0 < skipped[1:].sum() < skipped[1:].size
+  cache = sample.init_cache(model, 2, tokens.shape[1])
+  # A prompt chunk of 10, then one token per call: every position's logits equal the full pass.
+  chunks = [(0, 10)] + [(t, t + 1) for t in range(10, tokens.shape[1])]
+  step = jax.jit(lambda variables, chunk: model.apply(variables, chunk, decode=True, mutable=['cache']))
+  for start, stop in chunks:
+    (logits, _), updated = step({'params': params, 'cache': cache, **state}, tokens[:, start:stop])
+    cache = updated['cache']
+    np.testing.assert_allclose(logits, full[:, start:stop], atol=2e-5, err_msg=f'positions {start}:{stop}')
+  prompt = np.asarray(tokens[0, :6])
+  kwargs = dict(key=jax.random.key(0), temperature=0, model_state=state)
+  np.testing.assert_array_equal(sample.generate(model, params, prompt, 8, **kwargs),
+                                sample.generate_uncached(model, params, prompt, 8, **kwargs))
+
+
+def test_flops_against_a_hand_count():
+  d, ff, vocab, seq, heads, kv = 32, 64, VOCAB, 24, 4, 2
+  head_dim = d // heads
+  linear = 2 * (d * head_dim * (2 * heads + 2 * kv) + 3 * d * ff)   # q, o, k, v and SwiGLU's three matrices
+  attention = 2 * d * seq                                          # QK^T + AV, causal half
+  readout = 2 * d * vocab
+  vanilla = build('llama', num_kv_heads=kv)[0]
+  assert vanilla.forward_flops_per_token(seq) == 6 * (linear + attention) + readout
+  recursive = build('recursive', num_kv_heads=kv)[0]                  # 1 + 2 x 3 + 1
+  assert recursive.forward_flops_per_token(seq) == 8 * (linear + attention) + readout
+  expert = build('mor', num_kv_heads=kv)[0]
+  caps = (1, 2 / 3, 1 / 3)
+  hand = 2 * (linear + attention) + readout + sum(2 * (c * linear + c * c * attention) for c in caps)
+  hand += 2 * d * (1 + 1 + 2 / 3)   # the routers score the candidates of each recursion
+  np.testing.assert_allclose(expert.forward_flops_per_token(seq), hand, rtol=1e-12)
+  shared = build('mor', num_kv_heads=kv, kv_sharing=True)[0]
+  kv_proj = 4 * d * head_dim * kv
+  hand_shared = (2 * (linear + attention) + readout + 2 * (linear + attention) + 2 * d * (1 + 1 + 2 / 3)
+                 + sum(2 * c * (linear - kv_proj + attention) for c in caps[1:]))
+  np.testing.assert_allclose(shared.forward_flops_per_token(seq), hand_shared, rtol=1e-12)
+  token = build('mor', router='token', num_kv_heads=kv)[0]
+  np.testing.assert_allclose(token.forward_flops_per_token(seq), hand - 2 * d * (1 + 1 + 2 / 3) + 2 * d * 3,
+                             rtol=1e-12)
+  # Against XLA's count for the vanilla model: matmuls dominate; at d = 32 XLA's count of norms, RoPE and
+  # softmax adds ~15%.
+  xla = jax.jit(lambda p, t: vanilla.apply({'params': p}, t)[0]).lower(
+      build('llama', num_kv_heads=kv)[1], jnp.zeros((1, seq), jnp.int32)).compile().cost_analysis()['flops']
+  assert 0.8 < vanilla.forward_flops_per_token(seq) * seq / xla < 1.1
+
+
+@pytest.mark.parametrize('router', ['expert', 'token'])
+def test_trains_evaluates_and_samples_through_the_clis(make_config, tmp_path, router):
+  config = make_config('mor', **{'model.router': router, 'train.steps': 4})
+  workdir = str(tmp_path / 'run')
+  result = run_module('train', *config_flags(config), '--workdir', workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = [json.loads(line) for line in open(f'{workdir}/metrics.jsonl')]
+  key = 'mor/utilisation_r2' if router == 'expert' else 'mor/depth_1_fraction'
+  assert any(key in m for m in metrics)
+  result = run_module('train.sample', '--workdir', workdir, '--prompt', 'def ', '--max_new_tokens', '5',
+                      '--temperature', '0')
+  assert result.returncode == 0 and result.stdout.startswith('def '), result.stderr[-3000:]
