@@ -20,7 +20,7 @@ def test_mesh_shape_fills_and_rejects():
     sharding.mesh_shape({'data': -1, 'fsdp': -1, 'tensor': 1}, 8)
 
 
-@pytest.mark.parametrize('model', ['transformer', 'grassmann', 'tokenformer', 'lexinvariant'])
+@pytest.mark.parametrize('model', ['transformer', 'grassmann', 'tokenformer', 'lexinvariant', 'mor'])
 def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path):
   mesh = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
   config = make_config(model, **{'train.steps': 4})
@@ -31,8 +31,9 @@ def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path):
   losses = lambda run: [r['loss'] for r in map(json.loads, open(tmp_path / run / 'metrics.jsonl')) if 'loss' in r]
   # Step 1 sees identical parameters and data: only summation order differs. Later steps add up
   # rounding through the optimizer (Grassmann's Plücker normalisation amplifies it while the reduced
-  # vectors are still small), hence the looser check on the last step and the evaluation.
-  assert losses('eight')[0] == pytest.approx(losses('one')[0], rel=1e-6)
+  # vectors are still small), hence the looser check on the last step and the evaluation. MoR's gated
+  # scatter-adds over three recursions reorder more sums (its step-1 gap is ~6e-6).
+  assert losses('eight')[0] == pytest.approx(losses('one')[0], rel=2e-5 if model == 'mor' else 1e-6)
   sharded = json.loads(out.stdout.strip().splitlines()[-1])
   assert sharded['loss'] == pytest.approx(single['loss'], rel=1e-3)
   assert sharded['eval_loss'] == pytest.approx(single['eval_loss'], rel=1e-3)
@@ -51,6 +52,8 @@ def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path):
                       "['block_0']['ffn']['values']": P('tensor', 'fsdp')},
       'lexinvariant': {"['block_0']['attention']['query']['kernel']": P('fsdp', 'tensor', None),
                        "['position_bias']['table']": P(None, 'tensor')},   # random tables: no embedding
+      'mor': {**embed, "['block_0']['attention']['key']['kernel']": P('fsdp', 'tensor', None),
+              "['router_1']['kernel']": P('fsdp', None)},
   }[model]
   assert {k: specs[k] for k in expected} == {k: str(v) for k, v in expected.items()}
   unsharded_matrices = [k for k, s in specs.items() if k.endswith(("['kernel']", "['keys']", "['values']"))

@@ -25,6 +25,20 @@ def records(workdir):
   return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
 
 
+@pytest.mark.parametrize('schedule', ['cosine', 'wsd'])
+def test_learning_rate_schedules(make_config, schedule):
+  t = make_config(**{'train.steps': 100, 'train.warmup_steps': 5, 'train.lr': 1.0, 'train.min_lr_ratio': 0.1,
+                     'train.schedule': schedule}).train
+  lr = trainer.make_optimizer(t)[1]
+  assert float(lr(0)) == 0 and float(lr(5)) == pytest.approx(1.0) and float(lr(100)) == pytest.approx(0.1)
+  if schedule == 'wsd':   # constant until the last 20%, then linear
+    assert float(lr(80)) == pytest.approx(1.0) and float(lr(90)) == pytest.approx(0.55)
+  else:
+    assert float(lr(52)) == pytest.approx(0.55, abs=0.01)
+  with pytest.raises(config_lib.ConfigError, match='train.schedule'):
+    config_lib.validate(make_config(**{'train.schedule': 'step'}))
+
+
 def test_tiny_run_learns_and_logs(make_config, tmp_path):
   result = train(make_config(**{'train.steps': 40, 'train.lr': 1e-2, 'train.log_every': 5, 'train.eval_every': 20,
                                 'checkpoint.every': 20}), tmp_path)
