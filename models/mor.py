@@ -193,16 +193,27 @@ class RecursiveLM(LanguageModel):
     """With kv_sharing, recursions after the first attend recursion 1's keys and values (every token)."""
     return dict(kv_first=kv_first, kv_positions=positions) if self.kv_sharing and r > 0 else {}
 
+  def _masked_recursion(self, run, r, h, positions, active, kv_first):
+    """f(h) for every token, attending only the keys `active` at r (or recursion 1's, shared); returns
+    f(h) and the recursion-1 block inputs."""
+    shared_kv = self._shared_kv(r, kv_first, positions)
+    y, inputs = self._recursion(run, r, h, positions, kv_valid=jnp.ones_like(active) if shared_kv else active,
+                                **shared_kv)
+    return y, inputs if r == 0 else kv_first
+
   # ---- expert-choice ------------------------------------------------------------------------------
 
   def _routers(self):
     return [layers.dense(1, ('embed', None), use_bias=False, kernel_init=nn.initializers.normal(0.02),
                          dtype=jnp.dtype(self.dtype), name=f'router_{r}') for r in range(self.num_recursions)]
 
-  def _expert_losses(self, logits_by_r, targets_by_r, candidates_by_r, last_selected):
+  def _expert_losses(self, logits_by_r, targets_by_r, candidates_by_r, selected_by_r):
     """Auxiliary BCE (each router against its own top-k, mean over its candidates, summed over
-    recursions), the optional z-loss and the router statistics."""
-    aux, bce, z = {}, 0.0, 0.0
+    recursions), the optional z-loss and the router statistics; sows the [recursion, batch, length]
+    selection masks as intermediates 'selected'."""
+    self.sow('intermediates', 'selected', jnp.stack(selected_by_r))
+    aux = {f'mor/utilisation_r{r + 1}': selected.mean() for r, selected in enumerate(selected_by_r)}
+    bce, z = 0.0, 0.0
     for r, (logits, targets, cand) in enumerate(zip(logits_by_r, targets_by_r, candidates_by_r)):
       logits = logits.astype(jnp.float32)
       n = jnp.maximum(cand.sum(), 1)
@@ -212,7 +223,7 @@ class RecursiveLM(LanguageModel):
       aux[f'mor/sigma_above_half_r{r + 1}'] = jnp.where(cand, logits > 0, False).sum() / n
       aux[f'mor/agreement_r{r + 1}'] = jnp.where(cand, (logits > 0) == targets, False).sum() / n
     # Dead tokens: sequence positions that no row of the batch sends through the last recursion.
-    aux['mor/dead_token_ratio'] = 1.0 - last_selected.any(axis=0).mean()
+    aux['mor/dead_token_ratio'] = 1.0 - selected_by_r[-1].any(axis=0).mean()
     aux['loss/router_bce'] = self.expert_aux_coef * bce
     if self.z_loss_coef:
       aux['loss/router_z'] = self.z_loss_coef * z
@@ -242,11 +253,7 @@ class RecursiveLM(LanguageModel):
                                   **self._shared_kv(r, kv_first, positions))
       kv_first = inputs if r == 0 else kv_first
       x = x.at[rows, index].add((gate[..., None] * y).astype(x.dtype))
-    self.sow('intermediates', 'selected', jnp.stack(selected_masks))
-    aux = self._expert_losses(logits_by_r, targets_by_r, candidates_by_r, selected_masks[-1])
-    for r, mask in enumerate(selected_masks):
-      aux[f'mor/utilisation_r{r + 1}'] = mask.mean()
-    return x, aux
+    return x, self._expert_losses(logits_by_r, targets_by_r, candidates_by_r, selected_masks)
 
   def _expert_dense(self, run, x, positions, topk: bool):
     """Every token through every recursion, the update masked to the selected ones: the reference for
@@ -267,18 +274,11 @@ class RecursiveLM(LanguageModel):
         selected = active & (logits > 0)
       logits_by_r.append(logits), targets_by_r.append(selected), candidates_by_r.append(active)
       selected_masks.append(selected)
-      shared_kv = self._shared_kv(r, kv_first, positions)
-      y, inputs = self._recursion(run, r, x, positions, kv_valid=jnp.ones_like(selected) if shared_kv else selected,
-                                  **shared_kv)
-      kv_first = inputs if r == 0 else kv_first
+      y, kv_first = self._masked_recursion(run, r, x, positions, selected, kv_first)
       gate = self.expert_alpha * jax.nn.sigmoid(logits)
       x = x + jnp.where(selected[..., None], gate[..., None] * y, 0).astype(x.dtype)
       active = selected
-    self.sow('intermediates', 'selected', jnp.stack(selected_masks))
-    aux = self._expert_losses(logits_by_r, targets_by_r, candidates_by_r, selected_masks[-1])
-    for r, mask in enumerate(selected_masks):
-      aux[f'mor/utilisation_r{r + 1}'] = mask.mean()
-    return x, aux
+    return x, self._expert_losses(logits_by_r, targets_by_r, candidates_by_r, selected_masks)
 
   # ---- token-choice -------------------------------------------------------------------------------
 
@@ -307,10 +307,7 @@ class RecursiveLM(LanguageModel):
     for r in range(n):
       active = depth > r
       selected_masks.append(active)
-      shared_kv = self._shared_kv(r, kv_first, positions)
-      y, inputs = self._recursion(run, r, h, positions, kv_valid=jnp.ones_like(active) if shared_kv else active,
-                                  **shared_kv)
-      kv_first = inputs if r == 0 else kv_first
+      y, kv_first = self._masked_recursion(run, r, h, positions, active, kv_first)
       out = jnp.where((depth == r + 1)[..., None], x + (gate * y).astype(x.dtype), out)
       h = jnp.where(active[..., None], y, h)
     self.sow('intermediates', 'selected', jnp.stack(selected_masks))
