@@ -6,7 +6,8 @@ Trains every row of experiments/configs/mor.py (ROW,BUDGET pairs below), evaluat
 bytes (valid and test; expert-choice rows with σ > 0.5 routing, the causal rule of generation, and
 again with the training top-k on valid), and writes results/mor-<shape>.{json,md,png}. Peak memory is
 XLA's compile-time estimate for the training step (arguments + temporaries); router statistics are
-the training metrics averaged over the last 100 steps.
+the training metrics averaged over the last 100 steps. `--bench_steps N` re-times every row's training
+step alone (N steps in a scratch directory, nothing else running) into bench_tokens_per_sec.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ CONFIG = 'experiments/configs/mor.py'
 ROWS = ('vanilla,flops', 'recursive,flops', 'mor2,flops', 'mor3,flops', 'mor3_token,flops', 'mor3_kvshare,flops',
         'recursive,tokens', 'mor3,tokens')
 COLUMNS = ('model', 'budget', 'non_embedding_params', 'steps', 'train_tokens', 'train_flops', 'valid_ppl',
-           'valid_ppl_topk', 'test_ppl', 'valid_bpb', 'tokens_per_sec', 'peak_memory_mb')
+           'valid_ppl_topk', 'test_ppl', 'valid_bpb', 'tokens_per_sec', 'bench_tokens_per_sec', 'peak_memory_mb')
 
 
 def router_stats(workdir: str, last_steps: int = 100) -> dict:
@@ -48,14 +49,24 @@ def train_row(shape: str, row: str, args) -> dict:
   return result
 
 
+def bench_row(shape: str, row: str, steps: int, scratch: str) -> float:
+  """Median logged tokens/sec of `steps` training steps (compilation excluded)."""
+  workdir = os.path.join(scratch, row.replace(',', '-'))
+  runner.run([sys.executable, '-m', 'train', '--config', f'{CONFIG}:{shape},{row}', '--workdir', workdir,
+              f'--config.train.steps={steps}', f'--config.train.eval_every={steps}', '--config.train.eval_batches=1',
+              f'--config.checkpoint.every={steps}', f'--config.train.log_every={max(1, steps // 5)}'])
+  return statistics.median(r['tokens_per_sec'] for r in runner.read_metrics(workdir) if 'tokens_per_sec' in r)
+
+
 def render(shape: str, rows: list[dict]) -> str:
   lines = [f'# Mixture-of-Recursions, {shape}', '',
            'Produced by `python -m experiments.mor --shape ' + shape + '`. WikiText-2 bytes (ppl per byte). '
            '`flops` rows train for the analytic training FLOPs of vanilla (3 x forward, active fractions '
            'counted: linear x c_r, attention x c_r²); `tokens` rows see vanilla\'s tokens. valid_ppl routes '
            'expert-choice with σ > 0.5 (causal, as generation does); valid_ppl_topk with the training top-k '
-           '(looks at the whole window, as the paper\'s NLL). peak_memory_mb: XLA\'s estimate for the training '
-           'step.', '',
+           '(looks at the whole window, as the paper\'s NLL). tokens_per_sec: median during the run; '
+           'bench_tokens_per_sec: the same step timed with nothing else running. peak_memory_mb: XLA\'s estimate '
+           'for the training step.', '',
            '| row | ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * (len(COLUMNS) + 1)]
   for r in rows:
     lines.append(f'| {r["name"]} | ' + ' | '.join(runner.fmt(r.get(c)) for c in COLUMNS) + ' |')
@@ -84,6 +95,7 @@ def main():
   parser.add_argument('--eval_batches', type=int, default=25)
   parser.add_argument('--runs', default='runs')
   parser.add_argument('--results', default='results')
+  parser.add_argument('--bench_steps', type=int, default=0, help='re-time every row alone for this many steps')
   args = parser.parse_args()
   os.makedirs(args.results, exist_ok=True)
   path = os.path.join(args.results, f'mor-{args.shape}.json')
@@ -91,6 +103,17 @@ def main():
   for row in filter(None, args.rows.split(';')):
     result = train_row(args.shape, row, args)
     rows = [r for r in rows if r['name'] != result['name']] + [result]
+    with open(path, 'w') as f:
+      json.dump(rows, f, indent=1)
+  if args.bench_steps:
+    import tempfile
+    timed = {}   # per model: the budgets only change the step count
+    with tempfile.TemporaryDirectory() as scratch:
+      for r in rows:
+        model_row = r['name'].split('-')[0]
+        if model_row not in timed:
+          timed[model_row] = bench_row(args.shape, f'{model_row},flops', args.bench_steps, scratch)
+        r['bench_tokens_per_sec'] = timed[model_row]
     with open(path, 'w') as f:
       json.dump(rows, f, indent=1)
   runner.plot_curves(rows, os.path.join(args.results, f'mor-{args.shape}.png'))
