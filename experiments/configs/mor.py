@@ -17,6 +17,7 @@ Every row has the same six unique layers' worth of blocks except vanilla, whose 
 import math
 
 from train.config import build_model, default_config
+from train.tokenizers import ByteTokenizer
 
 SHAPES = {   # d_model, heads, d_ff, seq_len, batch, vanilla steps, lr
     'tiny': (128, 4, 344, 128, 16, 400, 3e-3),
@@ -51,9 +52,10 @@ def get_config(arg='tiny,mor3'):
   steps = vanilla_steps
   if budget == 'flops':
     # Training FLOPs are steps x tokens x (3 x forward FLOPs per token): equal them to vanilla's.
-    vanilla = build_model(model_config('llama', d, heads, d_ff, seq_len, 'vanilla'), vocab_size=257)
+    vocab = ByteTokenizer.vocab_size
+    vanilla = build_model(model_config('llama', d, heads, d_ff, seq_len, 'vanilla'), vocab_size=vocab)
     steps = math.floor(vanilla_steps * vanilla.flops_per_token(seq_len)
-                       / build_model(c, vocab_size=257).flops_per_token(seq_len))
+                       / build_model(c, vocab_size=vocab).flops_per_token(seq_len))
   c.train.update(steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, schedule='wsd', decay_fraction=0.2,
                  min_lr_ratio=0.0, warmup_steps=max(1, steps // 20), weight_decay=0.1, grad_clip=1.0,
                  log_every=25, eval_every=steps, eval_batches=50)
