@@ -19,6 +19,8 @@ TINY_MODELS = {
     'tokenformer': dict(d_model=32, num_layers=2, num_heads=2, n_attn=24, n_ffn=96, max_len=32),
     'lexinvariant': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32),
     'mor': dict(d_model=32, num_layers=5, num_recursions=3, num_heads=2, d_ff=64, max_len=32),
+    'landmark': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, block_size=4, local_len=8, mem_blocks=4,
+                     topk=2),
 }
 
 
@@ -69,15 +71,18 @@ BASE_CONFIG_FILES = {
     'tokenformer': 'experiments/configs/tokenformer_scaling.py:tiny,small',
     'lexinvariant': 'experiments/configs/lexinvariant.py:tiny,stdlib,char,random',
     'mor': 'experiments/configs/mor.py:tiny,mor3',
+    'landmark': 'experiments/configs/landmark.py:tiny,landmark',
 }
 
 
 def assert_causal(model, params, tokens, vocab_size: int, t: int = 9, **apply_kwargs):
   """Changing tokens after position t changes no logit up to t, and does change later ones."""
+  import jax
   import numpy as np
-  logits, _ = model.apply({'params': params}, tokens, **apply_kwargs)
+  forward = jax.jit(lambda tokens: model.apply({'params': params}, tokens, **apply_kwargs)[0])   # one compile
+  logits = forward(tokens)
   perturbed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 5) % vocab_size)
-  logits2, _ = model.apply({'params': params}, perturbed, **apply_kwargs)
+  logits2 = forward(perturbed)
   np.testing.assert_allclose(logits[:, :t + 1], logits2[:, :t + 1], atol=1e-5)
   assert not np.allclose(logits[:, t + 1:], logits2[:, t + 1:], atol=1e-3)
 

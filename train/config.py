@@ -45,6 +45,7 @@ def default_config(model: str = 'transformer') -> ml_collections.ConfigDict:
       tfds_dir='',         # TFDS data_dir (default ~/tensorflow_datasets)
       tfds_text_key='text',
       train_offset=0,      # training windows already read by the run this one continues (set by train.grow)
+      passkey_fraction=0.0,   # share of training samples replaced by synthetic passkey sequences (train/passkey.py)
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=16, seq_len=128, grad_accum=1,
@@ -75,6 +76,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}')
   if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
     raise ConfigError('checkpoint.every and checkpoint.keep must be positive')
+  if not 0 <= config.data.get('passkey_fraction', 0.0) < 1:
+    raise ConfigError(f'data.passkey_fraction={config.data.passkey_fraction} must be in [0, 1)')
   from train.data import CORPORA
   if config.data.corpus not in CORPORA and not config.data.corpus.startswith('tfds:'):
     raise ConfigError(f'data.corpus={config.data.corpus!r} is not one of {", ".join(CORPORA)} or tfds:NAME')

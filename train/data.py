@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from train import paths, tokenizers
+from train import passkey, paths, tokenizers
 
 SPLITS = ('train', 'valid', 'test')
 CORPORA = ('stdlib', 'text', 'wikitext2', 'documents')
@@ -225,8 +225,11 @@ class SplitWindows:
       piece = np.pad(piece, (0, self.seq_len + 1 - piece.size))
     return piece, valid
 
-  def batch(self, window_ids: Iterable[int]) -> dict:
+  def batch(self, window_ids: Iterable[int], substitutes: dict[int, np.ndarray] | None = None) -> dict:
+    """Windows `window_ids` (-1: padding); `substitutes` maps rows to their own seq_len + 1 tokens."""
     pieces, valid = zip(*(self.window(w) if w >= 0 else self._padding() for w in window_ids))
+    if substitutes:
+      pieces = [substitutes.get(row, piece) for row, piece in enumerate(pieces)]
     return self.format(np.stack(pieces), np.stack(valid))
 
   def _padding(self):
@@ -242,6 +245,7 @@ class Dataset:
     self.global_batch = config.train.batch_size
     self.train_offset = config.data.get('train_offset', 0)   # runs saved before the key existed
     self.seq_len = config.train.seq_len
+    self.passkey_fraction = config.data.get('passkey_fraction', 0.0)
     self.format = fmt
     self.cache_dir = config.data.cache_dir or paths.local_dir(workdir, 'cache')
     if not config.data.corpus.startswith('tfds:'):
@@ -270,8 +274,16 @@ class Dataset:
     return ids
 
   def train_batch(self, step: int, rows: slice = slice(None)) -> dict:
-    """This process's rows of the global batch of `step` (a pure function of seed and step)."""
-    return self.split('train').batch(self.train_window_ids(step, rows))
+    """This process's rows of the global batch of `step` (a pure function of seed and step); a
+    `data.passkey_fraction` share of samples are synthetic passkey sequences instead."""
+    substitutes = {}
+    if self.passkey_fraction:
+      first = self.train_offset + step * self.global_batch
+      for row, i in enumerate(range(first, first + self.global_batch)[rows]):
+        rng = np.random.default_rng([self.seed, 7, i])
+        if rng.random() < self.passkey_fraction:
+          substitutes[row] = passkey.training_window(rng, self.tokenizer, self.seq_len + 1)
+    return self.split('train').batch(self.train_window_ids(step, rows), substitutes)
 
   def eval_batches(self, split: str, max_batches: int = 0, rows: slice = slice(None)) -> Iterator[dict]:
     """Every window of the split in order, padded to whole global batches (padding has weight 0)."""
