@@ -1,7 +1,7 @@
 """Landmark attention against the same model without landmarks (the spec's §3.7 in shape).
 
   --config experiments/configs/landmark.py:SHAPE,ROW
-    SHAPE   tiny (CPU: 4 layers, d=128, 4 heads, batch 8, 800 steps)
+    SHAPE   tiny (CPU: 4 layers, d=128, 4 heads, batch 8, 400 steps)
             | small (accelerator, the spec's §3.7: 6 layers, d=384, 6 heads, batch 64, 10k steps)
     ROW     landmark (ℓ_block = 50; windows of 502 bytes, 512 positions with the landmarks)
             | baseline (plain causal attention over 512 bytes)
@@ -15,7 +15,7 @@ recipe). `data.passkey_fraction` 0.1: a tenth of the training windows are synthe
 from train.config import default_config
 
 SHAPES = {   # layers, d_model, heads, batch, steps, lr
-    'tiny': (4, 128, 4, 8, 800, 2e-3),
+    'tiny': (4, 128, 4, 8, 400, 2e-3),
     'small': (6, 384, 6, 64, 10000, 1e-3),
 }
 SEQ_LEN = {'landmark': 502, 'baseline': 512}
