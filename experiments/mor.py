@@ -58,12 +58,6 @@ def bench_row(shape: str, row: str, steps: int, scratch: str) -> float:
   return statistics.median(r['tokens_per_sec'] for r in runner.read_metrics(workdir) if 'tokens_per_sec' in r)
 
 
-def table(header: list[str], rows: list[list]) -> list[str]:
-  """Markdown table lines."""
-  return (['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-          + ['| ' + ' | '.join(runner.fmt(v) for v in row) + ' |' for row in rows])
-
-
 def render(shape: str, rows: list[dict]) -> str:
   lines = [f'# Mixture-of-Recursions, {shape}', '',
            'Produced by `python -m experiments.mor --shape ' + shape + '`. WikiText-2 bytes (ppl per byte). '
@@ -73,7 +67,7 @@ def render(shape: str, rows: list[dict]) -> str:
            '(looks at the whole window, as the paper\'s NLL). tokens_per_sec: median during the run; '
            'bench_tokens_per_sec: the same step timed with nothing else running. peak_memory_mb: XLA\'s estimate '
            'for the training step.', '']
-  lines += table(['row', *COLUMNS], [[r['name'], *(r.get(c) for c in COLUMNS)] for r in rows])
+  lines += runner.table(['row', *COLUMNS], [[r['name'], *(r.get(c) for c in COLUMNS)] for r in rows])
   routed = [r for r in rows if r.get('router')]
   if routed:
     keys = sorted({k for r in routed for k in r['router']})
@@ -82,7 +76,7 @@ def render(shape: str, rows: list[dict]) -> str:
               'recursion N\'s candidates with σ > 0.5; agreement_rN: how often σ > 0.5 agrees with top-k '
               'membership; dead_token_ratio: positions of the window that no sequence of the batch sends '
               'through the last recursion; depth_N_fraction / max_violation: token-choice loads.', '']
-    lines += table(['row', *keys], [[r['name'], *(r['router'].get(k) for k in keys)] for r in routed])
+    lines += runner.table(['row', *keys], [[r['name'], *(r['router'].get(k) for k in keys)] for r in routed])
   lines += ['', '| row | command | commit | hardware | date |', '|---|---|---|---|---|']
   for r in rows:
     lines.append(f'| {r["name"]} | `{r["command"]}` | {r["commit"]} | {r["hardware"]} | {r["date"]} |')

@@ -106,6 +106,12 @@ def fmt(value) -> str:
   return '' if value is None else str(value)
 
 
+def table(header: list[str], rows: list[list]) -> list[str]:
+  """Markdown table lines."""
+  return (['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+          + ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in rows])
+
+
 def workdir_of(row: dict) -> str:
   return row['command'].split('--workdir ')[1].split()[0]
 

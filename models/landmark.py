@@ -193,7 +193,7 @@ class LandmarkAttention(layers.Attention):
     out = grouped_attention(q_rot, repeat(k_rot), repeat(v_win), slots, jnp.broadcast_to(kv_valid, (batch, window)),
                             block_len, retrieved)
     out = self.project_out(out, x.shape[-1])
-    if memory is not None:   # store this window's blocks (unrotated) at ring slots completed, completed+1, ...
+    if memory is not None:   # store the window's blocks (keys unrotated) in ring segments completed, completed+1, ...
       n_window_blocks = window // block_len
       segments = (completed + jnp.arange(n_window_blocks)) % ring
       reshape = lambda t: t.reshape(batch, n_window_blocks, block_len, *t.shape[2:])

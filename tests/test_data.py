@@ -13,6 +13,18 @@ def test_batches_are_a_pure_function_of_seed_and_step(make_config, tmp_path):
   assert not np.array_equal(a.train_batch(5)['tokens'], c.train_batch(5)['tokens'])
 
 
+def test_passkey_fraction_swaps_in_passkey_windows_deterministically(make_config, tmp_path):
+  overrides = {'train.seq_len': 300, 'train.batch_size': 8}
+  plain = data.Dataset(make_config(**overrides), str(tmp_path / 'plain')).train_batch(2)['tokens']
+  mixed = data.Dataset(make_config(**overrides, **{'data.passkey_fraction': 0.5}), str(tmp_path / 'mixed'))
+  tokens = mixed.train_batch(2)['tokens']
+  np.testing.assert_array_equal(tokens, mixed.train_batch(2)['tokens'])
+  swapped = [i for i, row in enumerate(tokens) if 'What is the pass key? The pass key is' in mixed.tokenizer.decode(row)]
+  assert 0 < len(swapped) < 8
+  kept = [i for i in range(8) if i not in swapped]
+  np.testing.assert_array_equal(tokens[kept], plain[kept])
+
+
 def test_lm_batch_targets_are_inputs_shifted(make_config, tmp_path):
   batch = data.Dataset(make_config(), str(tmp_path)).train_batch(0)
   np.testing.assert_array_equal(batch['tokens'][:, 1:], batch['targets'][:, :-1])

@@ -17,7 +17,7 @@ def build(**kw):
   cfg.update(**{**dict(vocab_size=50, d_model=32, num_layers=2, d_ff=48, rank=6, max_len=24), **kw})
   model = models.build(cfg)
   tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 50)
-  return model, nn.meta.unbox(model.init(jax.random.key(1), tokens))['params'], tokens
+  return model, nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens))['params'], tokens
 
 
 @pytest.mark.parametrize('kw', [dict(), dict(prenorm=True), dict(offsets=(1, 3), schedule='per_layer')])

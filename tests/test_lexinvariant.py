@@ -22,7 +22,7 @@ def build(**kw):
                 **kw})
   model = models.build(cfg)
   tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 50)
-  params = nn.meta.unbox(model.init({'params': jax.random.key(1), **RNGS}, tokens))['params']
+  params = nn.meta.unbox(jax.jit(model.init)({'params': jax.random.key(1), **RNGS}, tokens))['params']
   return model, params, tokens
 
 

@@ -20,7 +20,7 @@ def build(name='mor', **kw):
   cfg.update(**kw)
   model = models.build(cfg)
   tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, VOCAB)
-  variables = nn.meta.unbox(model.init({'params': jax.random.key(1)}, tokens))
+  variables = nn.meta.unbox(jax.jit(model.init)({'params': jax.random.key(1)}, tokens))
   return model, variables.pop('params'), variables, tokens
 
 

@@ -28,7 +28,7 @@ def model_config(**kw):
 def build(**kw):
   model = models.build(model_config(**kw))
   tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 50)
-  return model, nn.meta.unbox(model.init(jax.random.key(1), tokens))['params'], tokens
+  return model, nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens))['params'], tokens
 
 
 def naive_weights(scores, activation, tau):

@@ -14,7 +14,7 @@ def build(**kw):
   cfg.update(vocab_size=50, d_model=32, num_layers=2, num_heads=4, d_ff=48, max_len=24, **kw)
   model = models.build(cfg)
   tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 50)
-  params = nn.meta.unbox(model.init(jax.random.key(1), tokens))['params']
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens))['params']
   return model, params, tokens
 
 
@@ -50,7 +50,7 @@ def test_flops_per_token_close_to_compiler_count():
   cfg.update(vocab_size=512, d_model=256, num_layers=2, num_heads=4, d_ff=1024, max_len=64)
   model = models.build(cfg)
   tokens = jnp.zeros((4, 64), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.key(0), tokens))['params']
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens))['params']
   xla = jax.jit(lambda p, x: model.apply({'params': p}, x)[0]).lower(params, tokens).compile().cost_analysis()
   xla_per_token = xla['flops'] / tokens.size
   full_attention_extra = 2 * 2 * 256 * 64 / 2 * 2   # the causal half XLA also counts, per layer
