@@ -69,6 +69,8 @@ class LanguageModel(nn.Module):
   registry_name: ClassVar[str] = ''
   # Which batch layout `train/data.py` builds for this model.
   batch_format: ClassVar[str] = 'lm'
+  # Symbols the model predicts beyond the tokenizer's ids (given the ids right after them).
+  extra_output_symbols: ClassVar[int] = 0
   # RNG streams the model draws from in training (evaluation passes the same names, fixed keys).
   rng_streams: ClassVar[tuple[str, ...]] = ('dropout',)
 

@@ -21,6 +21,8 @@ TINY_MODELS = {
     'mor': dict(d_model=32, num_layers=5, num_recursions=3, num_heads=2, d_ff=64, max_len=32),
     'landmark': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, block_size=4, local_len=8, mem_blocks=4,
                      topk=2),
+    'hat': dict(byte_width=32, byte_heads=2, byte_ff=64, encoder_layers=1, decoder_layers=1, d_model=32,
+                num_layers=2, num_heads=2, d_ff=64, max_words=8, max_word_bytes=8),
 }
 
 
@@ -72,6 +74,7 @@ BASE_CONFIG_FILES = {
     'lexinvariant': 'experiments/configs/lexinvariant.py:tiny,stdlib,char,random',
     'mor': 'experiments/configs/mor.py:tiny,mor3',
     'landmark': 'experiments/configs/landmark.py:tiny,landmark',
+    'hat': 'experiments/configs/hat.py:tiny',
 }
 
 

@@ -9,7 +9,17 @@ from conftest import config_flags, run_module
 from train import sharding, trainer
 
 EIGHT_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+MESH = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
+MODELS = ['transformer', 'grassmann', 'tokenformer', 'lexinvariant', 'mor', 'landmark', 'hat']
 
+
+@pytest.fixture(scope='module')
+def specs(tmp_path_factory):
+  """Every model's parameter PartitionSpecs on the 2x2x2 mesh, from one 8-device process."""
+  out = run_module('_print_specs', json.dumps(MESH), str(tmp_path_factory.mktemp('specs')), ','.join(MODELS),
+                   env=EIGHT_DEVICES)
+  assert out.returncode == 0, out.stderr
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_mesh_shape_fills_and_rejects():
@@ -20,12 +30,11 @@ def test_mesh_shape_fills_and_rejects():
     sharding.mesh_shape({'data': -1, 'fsdp': -1, 'tensor': 1}, 8)
 
 
-@pytest.mark.parametrize('model', ['transformer', 'grassmann', 'tokenformer', 'lexinvariant', 'mor'])
-def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path):
-  mesh = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
+@pytest.mark.parametrize('model', MODELS)
+def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path, specs):
   config = make_config(model, **{'train.steps': 4})
   single = trainer.Trainer(config, str(tmp_path / 'one')).run()
-  sharded_config = make_config(model, **{'train.steps': 4, **mesh})
+  sharded_config = make_config(model, **{'train.steps': 4, **MESH})
   out = run_module('train', *config_flags(sharded_config), '--workdir', str(tmp_path / 'eight'), env=EIGHT_DEVICES)
   assert out.returncode == 0, out.stderr
   losses = lambda run: [r['loss'] for r in map(json.loads, open(tmp_path / run / 'metrics.jsonl')) if 'loss' in r]
@@ -39,9 +48,7 @@ def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path):
   assert sharded['eval_loss'] == pytest.approx(single['eval_loss'], rel=1e-3)
 
   # The layout the rules produce: every matrix is split over fsdp and/or tensor.
-  out = run_module('_print_specs', json.dumps(mesh), str(tmp_path / 'specs'), model, env=EIGHT_DEVICES)
-  assert out.returncode == 0, out.stderr
-  specs = json.loads(out.stdout.strip().splitlines()[-1])
+  specs = specs[model]
   embed = {"['embed']['embedding']": P('tensor', 'fsdp')}
   expected = {
       'transformer': {**embed, "['block_0']['attention']['query']['kernel']": P('fsdp', 'tensor', None),
@@ -54,6 +61,12 @@ def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path):
                        "['position_bias']['table']": P(None, 'tensor')},   # random tables: no embedding
       'mor': {**embed, "['block_0']['attention']['key']['kernel']": P('fsdp', 'tensor', None),
               "['router_1']['kernel']": P('fsdp', None)},
+      'landmark': {"['stack']['embed']['embedding']": P('tensor', 'fsdp'),
+                   "['stack']['block_0']['attention']['query']['kernel']": P('fsdp', 'tensor', None),
+                   "['stack']['landmark']": P('fsdp')},
+      'hat': {"['byte_embed']['embedding']": P('tensor', 'fsdp'), "['word_up']['kernel']": P('fsdp', 'tensor'),
+              "['backbone']['block_0']['attention']['query']['kernel']": P('fsdp', 'tensor', None),
+              "['decoder']['block_0']['mlp']['down']['kernel']": P('tensor', 'fsdp')},
   }[model]
   assert {k: specs[k] for k in expected} == {k: str(v) for k, v in expected.items()}
   unsharded_matrices = [k for k, s in specs.items() if k.endswith(("['kernel']", "['keys']", "['values']"))

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from train import passkey, paths, tokenizers
+from train import passkey, paths, tokenizers, words
 
 SPLITS = ('train', 'valid', 'test')
 CORPORA = ('stdlib', 'text', 'wikitext2', 'documents')
@@ -185,7 +185,8 @@ def tokenized_split(data_config, tokenizer: tokenizers.Tokenizer, split: str, ca
 
 # ------------------------------------------------------------------------------------------ batch formats
 
-BatchFormat = Callable[[np.ndarray, np.ndarray], dict]
+# (windows [batch, seq + 1] token ids, valid [batch, seq + 1], the model config) -> batch
+BatchFormat = Callable[..., dict]
 BATCH_FORMATS: dict[str, BatchFormat] = {}
 
 
@@ -197,10 +198,20 @@ def batch_format(name: str):
 
 
 @batch_format('lm')
-def lm_batch(windows: np.ndarray, valid: np.ndarray) -> dict:
+def lm_batch(windows: np.ndarray, valid: np.ndarray, model_config=None) -> dict:
   """Next-token prediction: windows [batch, seq + 1] -> tokens, targets, weights [batch, seq]."""
   return {'tokens': windows[:, :-1], 'targets': windows[:, 1:],
           'weights': (valid[:, 1:]).astype(np.float32)}
+
+
+@batch_format('words')
+def word_batch(windows: np.ndarray, valid: np.ndarray, model_config) -> dict:
+  """Word-structured bytes (HAT): the bytes an 'lm' batch predicts, windows[:, 1:], split into words
+  and packed by `train.words.pack_words` with the model's `max_words`, `max_word_bytes`, `splitter`."""
+  byte = tokenizers.ByteTokenizer
+  return words.pack_words(windows[:, 1:], valid[:, 1:], eos_id=byte.eos_id, word_id=byte.vocab_size,
+                          max_words=model_config.max_words, max_word_bytes=model_config.max_word_bytes,
+                          splitter=model_config.splitter)
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -208,10 +219,11 @@ def lm_batch(windows: np.ndarray, valid: np.ndarray) -> dict:
 class SplitWindows:
   """Non-overlapping windows of seq_len + 1 tokens over one split's token stream."""
 
-  def __init__(self, stream: np.ndarray, n_bytes: int, seq_len: int, fmt: str):
+  def __init__(self, stream: np.ndarray, n_bytes: int, seq_len: int, fmt: str, model_config=None):
     if fmt not in BATCH_FORMATS:
       raise DataError(f'batch format {fmt!r} unknown (known: {", ".join(BATCH_FORMATS)})')
-    self.stream, self.n_bytes, self.seq_len, self.format = stream, n_bytes, seq_len, BATCH_FORMATS[fmt]
+    self.stream, self.n_bytes, self.seq_len = stream, n_bytes, seq_len
+    self.format = functools.partial(BATCH_FORMATS[fmt], model_config=model_config)
     self.n_windows = max((len(stream) - 1) // seq_len, 0)
     # For evaluation: the ragged tail is one more (padded) window so every token is scored once.
     self.n_eval_windows = -(-(len(stream) - 1) // seq_len)
@@ -246,17 +258,19 @@ class Dataset:
     self.train_offset = config.data.get('train_offset', 0)   # runs saved before the key existed
     self.seq_len = config.train.seq_len
     self.passkey_fraction = config.data.get('passkey_fraction', 0.0)
-    self.format = fmt
+    self.format, self.model_config = fmt, config.model
     self.cache_dir = config.data.cache_dir or paths.local_dir(workdir, 'cache')
     if not config.data.corpus.startswith('tfds:'):
       corpus_files(config.data)   # missing directories and files fail here, before any compiling
     self.tokenizer = load_or_train_tokenizer(config.data, workdir)
+    if fmt == 'words' and self.tokenizer.kind != 'byte':
+      raise DataError(f'model.name={config.model.name} reads bytes: set data.tokenizer=byte')
     self._splits: dict[str, SplitWindows] = {}
 
   def split(self, name: str) -> SplitWindows:
     if name not in self._splits:
       stream, n_bytes = tokenized_split(self.data_config, self.tokenizer, name, self.cache_dir)
-      self._splits[name] = SplitWindows(stream, n_bytes, self.seq_len, self.format)
+      self._splits[name] = SplitWindows(stream, n_bytes, self.seq_len, self.format, self.model_config)
     return self._splits[name]
 
   @functools.lru_cache(maxsize=2)

@@ -39,7 +39,8 @@ def main(argv):
                          per_position=fv.per_position) for draw in range(fv.draws)]
   losses = np.array([r['loss'] for r in runs])
   result = {'loss': losses.mean(), 'ppl': math.exp(min(losses.mean(), 80.0)),
-            'bpb': float(np.mean([r['bpb'] for r in runs])), 'tokens': runs[0]['tokens']}
+            'bpb': float(np.mean([r['bpb'] for r in runs])), 'accuracy': float(np.mean([r['accuracy'] for r in runs])),
+            'tokens': runs[0]['tokens']}
   if fv.draws > 1:
     result.update(draws=fv.draws, loss_std=losses.std())
   if fv.per_position:

@@ -1,7 +1,7 @@
 """python -m train.sample --workdir DIR --prompt TEXT --max_new_tokens N [--temperature T] [--top_k K]
 
 Generates with the model's KV cache (`decode=True`): the prompt is fed in one call, then one token
-per call, each attending to the cached keys and values. Models without a decode cache are sampled by a
+per call, each attending to the cached keys and values. A model with its own loop (HAT) runs it. Models without a decode cache are sampled by a
 full causal forward per token. A model's RNG streams (e.g. lexinvariant's per-sequence embedding table)
 get one key for the whole generation, so every step sees the same draw.
 """
@@ -51,8 +51,12 @@ def pick_token(logits, key, temperature: float, top_k: int, vocab_limit: int | N
 
 def generate(model, params, prompt: np.ndarray, max_new_tokens: int, *, key, temperature: float = 1.0,
              top_k: int = 0, vocab_limit: int | None = None, model_state: dict | None = None) -> np.ndarray:
-  """Continue `prompt` ([length] ids) by `max_new_tokens` with the model's KV cache; models without a
+  """Continue `prompt` ([length] ids) by `max_new_tokens` with the model's KV cache; a model with its own
+  generation loop (a `generate` method: HAT's nested word and byte loops) runs that, and models without a
   decode cache fall back to `generate_uncached`. `model_state`: the run's non-parameter variables."""
+  if hasattr(model, 'generate'):
+    return model.generate(params, prompt, max_new_tokens, key=key, temperature=temperature, top_k=top_k,
+                          vocab_limit=vocab_limit, model_state=model_state)
   try:
     step = decode_step_fn(model)
     cache = init_cache(model, 1, len(prompt) + max_new_tokens)

@@ -23,7 +23,7 @@ import models
 from train import checkpoint, config as config_lib, data, metrics as metrics_lib, paths, sharding
 
 LN2 = math.log(2.0)
-NOT_INPUTS = ('targets', 'weights')
+NOT_INPUTS = ('targets', 'weights', 'bytes')
 
 
 def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -91,7 +91,8 @@ class Setup:
           f'train.batch_size / train.grad_accum = {micro} does not divide over mesh.data x mesh.fsdp = {batch_shards}')
     model_cls = models.model_class(config.model.name)
     self.dataset = data.Dataset(config, workdir, fmt=model_cls.batch_format)
-    vocab = self.vocab_limit = self.dataset.tokenizer.vocab_size
+    # The model may predict symbols of its own after the tokenizer's ids (HAT's end of word).
+    vocab = self.vocab_limit = self.dataset.tokenizer.vocab_size + model_cls.extra_output_symbols
     if config.model.vocab_size == 0:   # padded so the vocab axis divides over the tensor axis
       tensor = self.mesh.shape['tensor']
       with config.unlocked():
@@ -139,32 +140,43 @@ class Setup:
 
   # ------------------------------------------------------------------------------------- evaluation
   def make_eval_step(self):
-    """(params, model_state, batch, key) -> weighted NLL and weight summed over the batch, per position."""
+    """(params, model_state, batch, key) -> weighted NLL and weight summed over the batch per position,
+    then the scoring units (tokens; words for word-structured [batch, words, bytes] targets) predicted
+    entirely right by argmax, the units, and the UTF-8 bytes the batch counts (0 when it counts none)."""
     model, vocab_limit = self.model, self.vocab_limit
 
     def eval_step(params, model_state, batch, key):
       logits, _ = model.apply({'params': params, **model_state}, **model_inputs(batch), train=False,
                               rngs=stream_keys(model, key))
-      nll = token_nll(logits, batch['targets'], vocab_limit) * batch['weights']
-      return nll.sum(0), batch['weights'].sum(0)
+      weights = batch['weights']
+      nll = token_nll(logits, batch['targets'], vocab_limit) * weights
+      right = (mask_padded_vocab(logits, vocab_limit).argmax(-1) == batch['targets']) | (weights == 0)
+      scored = weights > 0
+      if weights.ndim == 3:   # a word is right when all its scored targets are
+        right, scored = right.all(-1), scored.any(-1)
+      bytes_ = batch['bytes'].sum() if 'bytes' in batch else jnp.zeros(())
+      return nll.sum(0), weights.sum(0), (right & scored).sum(), scored.sum(), bytes_
 
     return jax.jit(eval_step, out_shardings=sharding.replicated(self.mesh))
 
   def evaluate(self, eval_step, params, model_state, split: str, max_batches: int = 0, draw: int = 0,
                per_position: bool = False) -> dict:
-    """Loss, perplexity and bits per byte (total NLL over the split's UTF-8 bytes) on one split.
+    """Loss, perplexity, bits per byte (total NLL over the UTF-8 bytes scored: the split's, pro rata,
+    unless the batches count their own) and accuracy (of tokens, or of words for word-structured
+    batches) on one split.
 
     `draw` picks the key of the model's RNG streams (a fixed function of the seed, so evaluation is
     reproducible); `per_position` adds the mean NLL at each position of the window."""
     key = jax.random.fold_in(jax.random.key(self.config.seed), draw)
-    nll = weight = 0.0
+    totals = None
     for batch in self.dataset.eval_batches(split, max_batches, self.rows):
-      n, w = eval_step(params, model_state, self.global_batch(batch), key)
-      nll, weight = nll + n, weight + w   # stays on device until the end
-    nll, weight = np.asarray(nll, np.float64), np.asarray(weight, np.float64)
+      out = eval_step(params, model_state, self.global_batch(batch), key)
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)   # stays on device until the end
+    nll, weight, right, units, counted_bytes = (np.asarray(t, np.float64) for t in totals)
     loss = nll.sum() / max(weight.sum(), 1.0)
-    result = {'loss': loss, 'ppl': math.exp(min(loss, 80.0)),
-              'bpb': nll.sum() / LN2 / self.dataset.eval_bytes(split, max_batches), 'tokens': int(weight.sum())}
+    n_bytes = counted_bytes if counted_bytes else self.dataset.eval_bytes(split, max_batches)
+    result = {'loss': loss, 'ppl': math.exp(min(loss, 80.0)), 'bpb': nll.sum() / LN2 / n_bytes,
+              'accuracy': right / max(units, 1.0), 'tokens': int(weight.sum())}
     if per_position:
       result['nll_by_position'] = (nll / np.maximum(weight, 1.0)).tolist()
     return result

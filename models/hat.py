@@ -1,0 +1,214 @@
+"""Hierarchical autoregressive transformer (HAT, arXiv 2501.10322): bytes in, words inside.
+
+Inputs are word-structured batches (`train/words.py`): word_bytes [batch, words, bytes] and
+word_lengths [batch, words] (0: a padding word, always after the real ones).
+  1. Encoder: [W] then the word's bytes, bidirectional within the word (RoPE over the byte position);
+     its output at [W], projected up to the backbone width, is the word embedding.
+  2. Backbone: causal over the word embeddings (RoPE over the word index); its outputs projected down
+     to the byte width are the predictive word embeddings p_i.
+  3. Decoder: causal over [p_{i-1}; bytes of word i], predicting those bytes and then [W]. Word 0 of a
+     window is decoded from a learned start vector (the paper leaves the first word open).
+Every part is a Llama-style pre-norm block (RMSNorm, SwiGLU, RoPE, no biases). Logits are
+[batch, words, bytes + 1, vocab]: byte ids 0-255, end of document [S] = 256 (the byte tokenizer's eos),
+end of word [W] = 257.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import layers
+from models.registry import LanguageModel, register
+from models.transformer import Block, decoder_flops_per_token
+from train import words as words_lib
+from train.tokenizers import ByteTokenizer
+
+END_OF_DOCUMENT = ByteTokenizer.eos_id            # [S]: 256
+END_OF_WORD = ByteTokenizer.vocab_size            # [W]: 257, the one symbol beyond the byte tokenizer
+
+
+class Stack(nn.Module):
+  """Pre-norm blocks and a final norm over [batch, length, width]."""
+  width: int
+  num_layers: int
+  num_heads: int
+  d_ff: int
+  dropout: float
+  dtype: layers.Dtype
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x, mask, positions, *, train: bool, decode: bool = False):
+    out_init = nn.initializers.normal(0.02 / math.sqrt(2 * self.num_layers))
+    block_cls = nn.remat(Block, static_argnums=(4, 5)) if self.remat else Block
+    for i in range(self.num_layers):
+      x = block_cls(self.width, self.num_heads, self.d_ff, True, 'rmsnorm', 'swiglu', True, False, self.dropout,
+                    self.dtype, out_init, name=f'block_{i}')(x, mask, positions, decode, train)
+    return layers.norm('rmsnorm', dtype=self.dtype, name='final_norm')(x)
+
+
+@register('hat')
+class HAT(LanguageModel):
+  """HAT. `byte_*` size the encoder and decoder, `d_model`/`num_layers`/... the word backbone;
+  `max_words`/`max_word_bytes`/`splitter` shape the batches (see train/words.py)."""
+  batch_format = 'words'
+  extra_output_symbols = 1   # [W]
+  vocab_size: int = 258
+  byte_width: int = 256
+  byte_heads: int = 4
+  byte_ff: int = 768
+  encoder_layers: int = 2
+  decoder_layers: int = 2
+  d_model: int = 512
+  num_layers: int = 8
+  num_heads: int = 8
+  d_ff: int = 1408
+  max_words: int = 128
+  max_word_bytes: int = 32
+  splitter: str = 'whitespace'
+  dropout: float = 0.0
+  dtype: str = 'float32'
+  remat: bool = False
+
+  def validate(self):
+    super().validate()
+    if self.byte_width % self.byte_heads:
+      raise ValueError(f'model.byte_heads={self.byte_heads} does not divide model.byte_width={self.byte_width}')
+    if self.splitter not in words_lib.SPLITTERS:
+      raise ValueError(f'model.splitter={self.splitter!r} must be one of {words_lib.SPLITTERS}')
+    if min(self.max_words, self.max_word_bytes) < 1:
+      raise ValueError('model.max_words and model.max_word_bytes must be positive')
+
+  def example_inputs(self, batch_size, seq_len):
+    return {'word_bytes': jax.ShapeDtypeStruct((batch_size, self.max_words, self.max_word_bytes), jnp.int32),
+            'word_lengths': jax.ShapeDtypeStruct((batch_size, self.max_words), jnp.int32)}
+
+  def setup(self):
+    dtype = jnp.dtype(self.dtype)
+    byte_stack = lambda n, name: Stack(self.byte_width, n, self.byte_heads, self.byte_ff, self.dropout, dtype,
+                                       self.remat, name=name)
+    self.byte_embed = layers.Embed(self.vocab_size, self.byte_width, dtype=dtype, name='byte_embed')
+    self.encoder = byte_stack(self.encoder_layers, 'encoder')
+    self.word_up = layers.dense(self.d_model, ('embed', 'mlp'), use_bias=False, dtype=dtype, name='word_up')
+    self.backbone = Stack(self.d_model, self.num_layers, self.num_heads, self.d_ff, self.dropout, dtype, self.remat,
+                          name='backbone')
+    self.word_down = layers.dense(self.byte_width, ('mlp', 'embed'), use_bias=False, dtype=dtype, name='word_down')
+    self.start = self.param('start', layers.logical(layers.default_init, ('embed',)), (self.byte_width,))
+    self.decoder = byte_stack(self.decoder_layers, 'decoder')
+    self.readout = layers.dense(self.vocab_size, ('embed', 'vocab'), use_bias=False, dtype=dtype, name='readout')
+
+  def __call__(self, word_bytes, word_lengths, *, train: bool = False, decode: bool = False):
+    predictive = self.backbone_step(self.encode(word_bytes, word_lengths, train=train), train=train, decode=decode)
+    previous = jnp.concatenate([jnp.broadcast_to(self.start, (predictive.shape[0], 1, self.byte_width)),
+                                predictive[:, :-1]], axis=1)
+    return self.decode_words(previous, word_bytes, train=train), {}
+
+  def encode(self, word_bytes, word_lengths, *, train: bool = False):
+    """Word embeddings [batch, words, d_model] of [W] + each word's bytes, read at [W]."""
+    batch, words, length = word_bytes.shape
+    ids = jnp.concatenate([jnp.full((batch, words, 1), END_OF_WORD, word_bytes.dtype), word_bytes], axis=-1)
+    x = self.byte_embed(ids.reshape(batch * words, length + 1))
+    positions = jnp.arange(length + 1)[None]
+    valid = positions <= word_lengths.reshape(-1, 1)
+    h = self.encoder(x, layers.padding_mask(valid, valid), positions, train=train)
+    return self.word_up(h[:, 0]).reshape(batch, words, self.d_model)
+
+  @nn.compact   # the decode position counter is a variable made on first use
+  def backbone_step(self, embeddings, *, train: bool = False, decode: bool = False):
+    """Predictive word embeddings [batch, words, byte_width]; `decode` advances the backbone's KV cache."""
+    positions = layers.sequence_positions(self, embeddings.shape[1], decode)
+    mask = None if decode else layers.causal_mask(positions, positions)
+    return self.word_down(self.backbone(embeddings, mask, positions, train=train, decode=decode))
+
+  def decode_words(self, previous, word_bytes, *, train: bool = False):
+    """Logits [batch, words, bytes + 1, vocab] of each word's bytes then [W], from [p_{i-1}; bytes of word i]."""
+    batch, words, length = word_bytes.shape
+    x = jnp.concatenate([previous[:, :, None], self.byte_embed(word_bytes)], axis=2)
+    x = x.reshape(batch * words, length + 1, self.byte_width)
+    positions = jnp.arange(length + 1)[None]
+    h = self.decoder(x, layers.causal_mask(positions, positions), positions, train=train)
+    return self.readout(h).reshape(batch, words, length + 1, self.vocab_size).astype(jnp.float32)
+
+  def forward_flops_per_token(self, seq_len: int) -> float:
+    """Per byte of a window of `seq_len` bytes, as executed: every word slot runs the byte modules over
+    max_word_bytes + 1 positions whether filled or not (the paper counts only real bytes)."""
+    positions = self.max_words * (self.max_word_bytes + 1) / seq_len   # byte-module positions per byte
+    # decoder_flops_per_token halves attention for the causal mask: the bidirectional encoder counts double
+    byte_module = lambda n, attended: decoder_flops_per_token(self.byte_width, n, self.byte_ff, 'swiglu', 0, attended)
+    backbone = decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, 'swiglu', 0, self.max_words)
+    projections = 2 * 2 * self.d_model * self.byte_width
+    readout = 2 * self.byte_width * self.vocab_size
+    return (positions * (byte_module(self.encoder_layers, 2 * (self.max_word_bytes + 1))
+                         + byte_module(self.decoder_layers, self.max_word_bytes + 1) + readout)
+            + self.max_words / seq_len * (backbone + projections))
+
+  def generate(self, params, prompt: np.ndarray, max_new_tokens: int, **kwargs) -> np.ndarray:
+    """The new byte ids ([S] included when generated) after `prompt`; see `generate_words`."""
+    words, prompt_words, prompt_bytes = self.generate_words(params, prompt, max_new_tokens, **kwargs)
+    return np.concatenate([np.asarray(w, np.int32) for w in words[prompt_words:]] or [np.zeros(0, np.int32)])[
+        prompt_bytes:]
+
+  def generate_words(self, params, prompt: np.ndarray, max_new_tokens: int, *, key, temperature: float = 1.0,
+                     top_k: int = 0, vocab_limit: int | None = None, model_state: dict | None = None):
+    """The two nested loops: decode bytes until [W] (or the byte cap), encode the finished word and
+    advance the backbone by one word with its KV cache. The prompt's last word is never taken as
+    finished (more bytes may belong to it): it is the forced start of the first decoded word. Stops at
+    [S] or after `max_new_tokens` bytes. Returns (every word, prompt's and generated, as id lists; the
+    number of finished prompt words; the bytes of the forced start)."""
+    from train.sample import pick_token
+    finished = [list(w) for w in words_lib.split_ids(np.asarray(prompt), END_OF_DOCUMENT, self.splitter,
+                                                     self.max_word_bytes)]
+    ends_document = bool(finished) and finished[-1] == [END_OF_DOCUMENT]   # then generation starts a new document
+    current = [] if ends_document or not finished else finished.pop()
+    prompt_words, prompt_bytes = len(finished), len(current)
+    capacity = prompt_words + max_new_tokens + 2
+    pad = lambda ws: np.stack([np.pad(np.asarray(w, np.int32), (0, self.max_word_bytes - len(w))) for w in ws])[None]
+    abstract = jax.eval_shape(lambda: self.init(jax.random.key(0), jnp.zeros((1, capacity, self.max_word_bytes),
+                                                jnp.int32), jnp.zeros((1, capacity), jnp.int32), decode=True))
+    cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract['cache'])
+    state = model_state or {}
+
+    @jax.jit
+    def advance(params, cache, word_bytes, word_lengths):   # encode words, run them through the backbone
+      embeddings = self.apply({'params': params, **state}, word_bytes, word_lengths, method=HAT.encode)
+      predictive, updated = self.apply({'params': params, 'cache': cache, **state}, embeddings, decode=True,
+                                       method=HAT.backbone_step, mutable=['cache'])
+      return predictive[:, -1], updated['cache']
+
+    @jax.jit
+    def next_logits(params, previous, word_bytes, position):   # a word never ends before its first byte
+      logits = self.apply({'params': params, **state}, previous[:, None], word_bytes,
+                          method=HAT.decode_words)[0, 0, position]
+      return jnp.where((jnp.arange(self.vocab_size) == END_OF_WORD) & (position == 0), -jnp.inf, logits)[None]
+
+    def finish(ws):
+      nonlocal previous, cache
+      previous, cache = advance(params, cache, pad(ws), np.asarray([[len(w) for w in ws]], np.int32))
+      words.extend(ws)
+
+    words, previous = [], params['start'][None]
+    if finished:
+      finish(finished)
+    n_new = 0
+    while n_new < max_new_tokens:
+      if len(current) == self.max_word_bytes:   # the cap ends a word, as the splitter cuts it
+        finish([current])
+        current = []
+      logits = next_logits(params, previous, pad([current]), len(current))
+      symbol = int(pick_token(logits, jax.random.fold_in(key, n_new), temperature, top_k, vocab_limit)[0])
+      if symbol == END_OF_WORD:
+        finish([current])
+        current = []
+        continue
+      current.append(symbol)
+      n_new += 1
+      if symbol == END_OF_DOCUMENT:
+        break
+    if current:
+      words.append(current)
+    return words, prompt_words, prompt_bytes

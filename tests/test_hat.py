@@ -1,0 +1,158 @@
+"""HAT: splitting, word-structured batches, padding, word-level causality, nested-loop generation, CLIs."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from conftest import TINY_MODELS, config_flags, run_module
+from models.hat import END_OF_DOCUMENT, END_OF_WORD
+from train import trainer, words
+
+TEXTS = ['Hello, world!  It\'s 3.14\tand\n\nnext', '  leading spaces', 'über-cool 東京タワー ça va? 🙂 ok',
+         'trailing space ', '', 'supercalifragilisticexpialidocious']
+
+
+@pytest.mark.parametrize('splitter', words.SPLITTERS)
+@pytest.mark.parametrize('cap', [0, 4])
+def test_splitting_round_trips_any_bytes(splitter, cap):
+  rng = np.random.default_rng(0)
+  samples = [t.encode() for t in TEXTS]
+  samples += [rng.integers(0, 256, size=n, dtype=np.uint8).tobytes() for n in (1, 7, 40)]   # cut characters
+  samples += [''.join(chr(c) for c in rng.integers(32, 0x2FFF, size=30)).encode()]
+  for data in samples:
+    pieces = words.split_bytes(data, splitter, cap)
+    assert b''.join(pieces) == data
+    assert all(pieces) and all(len(p) <= (cap or len(data)) for p in pieces)
+
+
+def test_splitting_rules():
+  assert words.split_text('Hello, world!  Bye', 'whitespace') == ['Hello, ', 'world!  ', 'Bye']
+  assert words.split_text('  Hi there', 'whitespace') == ['  ', 'Hi ', 'there']
+  assert words.split_text('Hello, world!  Bye', 'unicode') == ['Hello,', ' world!', '  Bye']
+  assert words.split_bytes('ééé'.encode(), 'whitespace', 3) == ['é'.encode(), 'é'.encode(), 'é'.encode()]
+
+
+def test_pack_words_targets_weights_and_documents():
+  ids = np.asarray([*b'ab c', END_OF_DOCUMENT, *b'de'], np.int32)
+  batch = words.pack_words(ids[None], np.ones((1, len(ids)), bool), eos_id=END_OF_DOCUMENT, word_id=END_OF_WORD,
+                           max_words=5, max_word_bytes=3, splitter='whitespace')
+  assert batch['word_lengths'].tolist() == [[3, 1, 1, 2, 0]]
+  assert batch['targets'][0, 0].tolist() == [*b'ab ', END_OF_WORD]
+  assert batch['targets'][0, 2, :2].tolist() == [END_OF_DOCUMENT, END_OF_WORD]
+  assert batch['weights'][0].sum(-1).tolist() == [4, 2, 1, 3, 0]   # no [W] after [S]; padding unscored
+  assert batch['bytes'].tolist() == [6]
+
+
+def tiny_hat(**overrides):
+  config = models.default_config('hat')
+  config.update(vocab_size=258, **{**TINY_MODELS['hat'], **overrides})
+  return models.build(config)
+
+
+def random_words(rng, n_words, max_bytes, lengths=None):
+  lengths = rng.integers(1, max_bytes + 1, size=(1, n_words)) if lengths is None else lengths
+  word_bytes = rng.integers(0, 256, size=(1, n_words, max_bytes)) * (np.arange(max_bytes) < lengths[..., None])
+  return jnp.asarray(word_bytes, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+@pytest.fixture(scope='module')
+def hat_params():
+  model = tiny_hat()
+  params = jax.jit(lambda: model.init(jax.random.key(0), **{k: jnp.zeros(s.shape, s.dtype) for k, s in
+                                                            model.example_inputs(1, 16).items()})['params'])()
+  return model, params
+
+
+def test_padding_does_not_change_the_loss(hat_params):
+  """More padding words and longer byte slots leave every scored target's NLL unchanged."""
+  model, params = hat_params
+  text = np.frombuffer(b'Pads do not count: not here, nor there, nor at the end.', np.uint8)   # words <= 8 bytes
+  losses = []
+  for max_words, max_bytes in [(16, 8), (24, 12)]:
+    batch = words.pack_words(text[None].astype(np.int32), np.ones((1, len(text)), bool), eos_id=END_OF_DOCUMENT,
+                             word_id=END_OF_WORD, max_words=max_words, max_word_bytes=max_bytes, splitter='whitespace')
+    padded = model.clone(max_words=max_words, max_word_bytes=max_bytes)
+    logits, _ = padded.apply({'params': params}, batch['word_bytes'], batch['word_lengths'])
+    nll = trainer.token_nll(logits, batch['targets'], END_OF_WORD + 1) * batch['weights']
+    losses.append(float(nll.sum()))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_causal_at_word_and_byte_level(hat_params):
+  model, params = hat_params
+  rng = np.random.default_rng(1)
+  word_bytes, lengths = random_words(rng, 8, 8)
+  forward = jax.jit(lambda b, n: model.apply({'params': params}, b, n)[0])
+  logits = forward(word_bytes, lengths)
+  later_words = forward(word_bytes.at[:, 4:].set((word_bytes[:, 4:] + 7) % 256), lengths.at[:, 4:].set(3))
+  np.testing.assert_allclose(logits[:, :4], later_words[:, :4], atol=1e-5)
+  assert not np.allclose(logits[:, 4:], later_words[:, 4:], atol=1e-3)
+  # Inside word 2, changing byte 3 changes only predictions made after reading it (positions 4.. of the decoder).
+  later_bytes = forward(word_bytes.at[:, 2, 3].set((word_bytes[:, 2, 3] + 7) % 256), lengths)
+  np.testing.assert_allclose(logits[:, 2, :4], later_bytes[:, 2, :4], atol=1e-5)
+  assert not np.allclose(logits[:, 2, 4:], later_bytes[:, 2, 4:], atol=1e-3)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny HAT trained for 40 steps through the CLI (config file + overrides), evaluated and sampled."""
+  from conftest import tiny_config
+  workdir = tmp_path_factory.mktemp('hat')
+  config = tiny_config('hat', **{'train.steps': 40, 'train.seq_len': 64, 'model.max_words': 24})
+  out = run_module('train', *config_flags(config), '--workdir', str(workdir))
+  assert out.returncode == 0, out.stderr
+  return workdir
+
+
+def test_cli_trains_evaluates_and_samples(trained):
+  out = run_module('train.evaluate', '--workdir', str(trained), '--split', 'valid', '--max_batches', '2')
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert 0 < result['bpb'] < 8 and 0 <= result['accuracy'] <= 1
+  out = run_module('train.sample', '--workdir', str(trained), '--prompt', 'def main(', '--max_new_tokens', '20',
+                   '--temperature', '0')
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith('def main(') and len(out.stdout) > len('def main(\n')
+
+
+def test_generation_reproduces_teacher_forced_argmax(trained):
+  """Greedy nested-loop generation (backbone KV cache, prompt ending inside a word) picks, at every byte and
+  word end, the argmax of one teacher-forced forward pass over the words it produced."""
+  from train import restore
+  from train.config import load_workdir_config
+  setup, state = restore.load_run(load_workdir_config(str(trained)), str(trained))
+  model, params = setup.model, state['params']
+  prompt = np.frombuffer(b'import os\nimport sy', np.uint8).astype(np.int32)
+  all_words, n_prompt, forced = model.generate_words(params, prompt, 30, key=jax.random.key(0), temperature=0,
+                                                     vocab_limit=setup.vocab_limit)
+  assert b''.join(bytes(w) for w in all_words).startswith(bytes(prompt.tolist()))
+  generated = all_words[n_prompt:]
+  assert len(generated) > 2
+  assert sum(map(len, generated)) - forced == 30 or generated[-1][-1] == END_OF_DOCUMENT
+  packed = np.zeros((1, len(all_words), model.max_word_bytes), np.int32)
+  for i, w in enumerate(all_words):
+    packed[0, i, :len(w)] = w
+  lengths = np.asarray([[len(w) for w in all_words]], np.int32)
+  logits = trainer.mask_padded_vocab(model.clone(max_words=len(all_words)).apply({'params': params}, packed,
+                                                                                 lengths)[0], setup.vocab_limit)
+  logits = logits.at[..., 0, END_OF_WORD].set(-jnp.inf)   # generation never ends a word before its first byte
+  predicted = np.asarray(logits.argmax(-1))[0]
+  for i, w in enumerate(generated, start=n_prompt):
+    first = forced if i == n_prompt else 0
+    assert predicted[i, first:len(w)].tolist() == w[first:]
+    if i < len(all_words) - 1 and len(w) < model.max_word_bytes:   # a closed word ended on [W]
+      assert predicted[i, len(w)] == END_OF_WORD
+
+
+def test_flops_per_byte_against_xla(hat_params):
+  """Analytic FLOPs (every word slot counted, as executed) against XLA's count of the compiled forward."""
+  model, params = hat_params
+  model = model.clone(max_words=16, max_word_bytes=8)
+  inputs = {k: jnp.zeros(s.shape, s.dtype) for k, s in model.example_inputs(1, 64).items()}
+  xla = jax.jit(lambda p, b, n: model.apply({'params': p}, b, n)[0]).lower(
+      params, inputs['word_bytes'], inputs['word_lengths']).compile().cost_analysis()['flops']
+  assert 0.8 < model.forward_flops_per_token(64) * 64 / xla < 1.1
