@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import models
-from conftest import TINY_MODELS, assert_causal, config_flags, run_module
+from conftest import TINY_MODELS, assert_causal, run_module
 from models import landmark, layers
 from train import sample, trainer
 
