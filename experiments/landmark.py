@@ -94,8 +94,8 @@ def passkey_accuracy(workdir: str, lengths, n_prompts: int, overrides: dict, win
       for row, (q, a) in enumerate(encoded):
         guess = predicted[row, len(q) - 1:len(q) + len(a)]   # the key's digits, then what follows it
         correct += bool((guess[:-1] == a).all() and guess[-1] not in digits)
-    accuracy[length] = correct / n_prompts
-    print(f'passkey {workdir} {length}: {accuracy[length]:.2f}', flush=True)
+    accuracy[str(length)] = correct / n_prompts   # string keys, as they come back from the JSON file
+    print(f'passkey {workdir} {length}: {correct / n_prompts:.2f}', flush=True)
   return accuracy
 
 
@@ -166,16 +166,16 @@ def render(shape: str, result: dict) -> str:
     lines += ['', f'## Passkey retrieval ({result["passkey_prompts"]} prompts per length)', '',
               'Accuracy: the argmax continuation of the prompt is exactly the key. Landmark: ℓ_local 250, k 4 per '
               'token and head, every block kept. Baseline: the last 512 bytes of the prompt.', '']
-    lines += runner.table(['model', *lengths], [[n, *(result['passkey'][n].get(str(x)) for x in lengths)]
+    lines += runner.table(['model', *map(str, lengths)], [[n, *(result['passkey'][n].get(str(x)) for x in lengths)]
                                                 for n in names])
   lines += ['', '## Peak memory of one evaluation forward (MB, XLA compile-time estimate)', '']
   names = list(result['memory_mb'])
   lengths = sorted({int(x) for curve in result['memory_mb'].values() for x in curve})
-  lines += runner.table(['model', *lengths], [[n, *(result['memory_mb'][n].get(str(x)) for x in lengths)]
+  lines += runner.table(['model', *map(str, lengths)], [[n, *(result['memory_mb'][n].get(str(x)) for x in lengths)]
                                               for n in names])
   lines += ['', '## Commands', '']
   lines += [f'- `{r["command"]}`' for r in trained]
-  lines += [f'- `python -m {r["command"]}`' for r in result['long_eval'][:3]] + ['- (and so on for every row)']
+  lines += [f'- `python {r["command"]}`' for r in result['long_eval'][:3]] + ['- (and so on for every row)']
   lines += ['', f'![memory and passkey](landmark-{shape}.png)']
   return '\n'.join(lines) + '\n'
 
