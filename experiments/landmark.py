@@ -144,7 +144,8 @@ def render(shape: str, result: dict) -> str:
            'the landmark model trains on windows of 502 bytes (512 positions with its 10 landmarks), the '
            'baseline (the same model without landmarks) on 512 bytes. 10% of the training windows of both are '
            'synthetic passkey sequences (`data.passkey_fraction=0.1`, a deviation from the paper that the '
-           'spec allows).', '', '## Training', '']
+           'spec allows).', '', '## Training', '',
+           'train time: compilation and steps, from the run\'s own metrics (evaluation excluded).', '']
   lines += runner.table(['row', 'params', 'steps', 'train tokens', 'valid bpb (training window)', 'test bpb',
                          'tok/s', 'train time s'],
                         [[r['name'], r['params'], r['steps'], r['train_tokens'], r['valid_bpb'], r['test_bpb'],

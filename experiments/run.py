@@ -62,6 +62,18 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
+def train_time_s(records: list[dict]) -> float:
+  """Seconds a run spent compiling and stepping, summed over every invocation that trained it (evaluation
+  and checkpointing excluded), from its own metrics: the same number however often it was resumed."""
+  total, previous = 0.0, 0
+  for r in records:
+    if 'compile_time_s' in r:   # an invocation starts at this step
+      total, previous = total + r['compile_time_s'], r['step']
+    elif 'step_time_s' in r:
+      total, previous = total + r['step_time_s'] * (r['step'] - previous), r['step']
+  return total
+
+
 def train_and_evaluate(config_path: str | None, workdir: str, overrides: list[str], name: str | None = None,
                        max_batches: int = 0) -> dict:
   """Train (config_path None: the config already in `workdir`), evaluate on valid and test (the first
@@ -70,9 +82,7 @@ def train_and_evaluate(config_path: str | None, workdir: str, overrides: list[st
   config_flag = ['--config', config_path] if config_path else []
   train_cmd = [sys.executable, '-m', 'train', *config_flag, '--workdir', workdir, *flags]
   commit = git_commit()   # the code the run starts from
-  start = datetime.datetime.now()
   run(train_cmd)
-  train_time = (datetime.datetime.now() - start).total_seconds()
   evals = {}
   for split in ('valid', 'test'):
     line = run([sys.executable, '-m', 'train.evaluate', '--workdir', workdir, '--split', split,
@@ -92,7 +102,7 @@ def train_and_evaluate(config_path: str | None, workdir: str, overrides: list[st
       'train_flops': first['flops_per_token'] * train_tokens if 'flops_per_token' in first else None,
       'valid_ppl': evals['valid']['ppl'], 'test_ppl': evals['test']['ppl'], 'valid_tokens': evals['valid']['tokens'],
       'valid_bpb': evals['valid']['bpb'], 'test_bpb': evals['test']['bpb'],
-      'tokens_per_sec': statistics.median(speeds) if speeds else None, 'train_time_s': round(train_time),
+      'tokens_per_sec': statistics.median(speeds) if speeds else None, 'train_time_s': round(train_time_s(records)),
       'command': ' '.join(['python -m train', *config_flag, '--workdir', workdir, *flags]),
       'commit': commit, 'hardware': hardware(), 'date': datetime.date.today().isoformat(),
   }

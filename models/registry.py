@@ -8,6 +8,8 @@ where `inputs` is the batch minus its `targets` and `weights` (see `train/data.p
 formats). `aux` maps names to scalars: entries named `loss/...` are added to the training
 objective, the rest are logged as metrics. Decoder LMs take `tokens` [batch, seq] and return logits
 [batch, seq, vocab]; other formats (encoder-decoder, word-structured batches) name their own inputs.
+A model whose generation is not one token per cached step defines `generate(params, prompt,
+max_new_tokens, **sampling)` (HAT's nested word and byte loops); `train.sample` then calls it.
 """
 
 from __future__ import annotations

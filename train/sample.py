@@ -1,9 +1,10 @@
 """python -m train.sample --workdir DIR --prompt TEXT --max_new_tokens N [--temperature T] [--top_k K]
 
 Generates with the model's KV cache (`decode=True`): the prompt is fed in one call, then one token
-per call, each attending to the cached keys and values. A model with its own loop (HAT) runs it. Models without a decode cache are sampled by a
-full causal forward per token. A model's RNG streams (e.g. lexinvariant's per-sequence embedding table)
-get one key for the whole generation, so every step sees the same draw.
+per call, each attending to the cached keys and values. A model with its own loop (HAT) runs it.
+Models without a decode cache are sampled by a full causal forward per token. A model's RNG streams
+(e.g. lexinvariant's per-sequence embedding table) get one key for the whole generation, so every step
+sees the same draw.
 """
 
 from __future__ import annotations
