@@ -150,15 +150,15 @@ class HAT(LanguageModel):
   def generate(self, params, prompt: np.ndarray, max_new_tokens: int, **kwargs) -> np.ndarray:
     """The new byte ids ([S] included when generated) after `prompt`; see `generate_words`."""
     words, prompt_words, prompt_bytes = self.generate_words(params, prompt, max_new_tokens, **kwargs)
-    return np.concatenate([np.asarray(w, np.int32) for w in words[prompt_words:]] or [np.zeros(0, np.int32)])[
-        prompt_bytes:]
+    return np.asarray(sum(words[prompt_words:], [])[prompt_bytes:], np.int32)
 
   def generate_words(self, params, prompt: np.ndarray, max_new_tokens: int, *, key, temperature: float = 1.0,
                      top_k: int = 0, vocab_limit: int | None = None, model_state: dict | None = None):
     """The two nested loops: decode bytes until [W] (or the byte cap), encode the finished word and
     advance the backbone by one word with its KV cache. The prompt's last word is never taken as
     finished (more bytes may belong to it): it is the forced start of the first decoded word. Stops at
-    [S] or after `max_new_tokens` bytes. Returns (every word, prompt's and generated, as id lists; the
+    [S] or after `max_new_tokens` bytes. The byte decoder reruns over the word so far (at most
+    max_word_bytes + 1 positions) rather than keeping a cache of its own. Returns (every word, prompt's and generated, as id lists; the
     number of finished prompt words; the bytes of the forced start)."""
     from train.sample import pick_token
     finished = [list(w) for w in words_lib.split_ids(np.asarray(prompt), END_OF_DOCUMENT, self.splitter,

@@ -53,8 +53,8 @@ def tiny_hat(**overrides):
   return models.build(config)
 
 
-def random_words(rng, n_words, max_bytes, lengths=None):
-  lengths = rng.integers(1, max_bytes + 1, size=(1, n_words)) if lengths is None else lengths
+def random_words(rng, n_words, max_bytes):
+  lengths = rng.integers(1, max_bytes + 1, size=(1, n_words))
   word_bytes = rng.integers(0, 256, size=(1, n_words, max_bytes)) * (np.arange(max_bytes) < lengths[..., None])
   return jnp.asarray(word_bytes, jnp.int32), jnp.asarray(lengths, jnp.int32)
 
