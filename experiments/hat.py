@@ -1,0 +1,242 @@
+"""HAT against a compute-matched BPE Transformer and a flat byte Transformer on WikiText-2, clean and
+under perturbation (the spec's §1.5).
+
+  python -m experiments.hat --shape tiny [--eval_batches 40]
+
+1. Trains experiments/configs/hat.py:SHAPE,{hat,byte,bpe} in runs/hat-SHAPE/ROW (a finished run is only
+   evaluated). The BPE row's depth is chosen here: the one whose FLOPs per byte (flops_per_token over
+   the measured bytes per token of the train split) come closest to HAT's. HAT's FLOPs are counted as
+   executed, every padded word slot included (`HAT.forward_flops_per_token`).
+2. Writes perturbed copies of the validation text to runs/hat-SHAPE/perturbed/KIND/: in every word
+   each character independently with probability 0.1 is swapped with another of the word's characters
+   (permute), replaced by a random letter (replace) or deleted (delete); ALL CAPS (upper); each letter's
+   case drawn at random (random_case). Whitespace is never touched.
+3. Evaluates every model on the first `eval_batches` batches of each copy: bits per byte (of that copy's
+   bytes) and word accuracy. Words are those of HAT's splitter (whitespace rule, 16-byte cap). HAT's word
+   is right when the argmax predicts all its bytes and the closing [W]; a flat model's when the argmax
+   predicts every token overlapping the word's bytes (the spec's rule for the BPE baseline).
+Writes results/hat-SHAPE.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import re
+import string
+
+import numpy as np
+
+from experiments import run as runner
+
+CONFIG = 'experiments/configs/hat.py'
+PERTURBATIONS = ('permute', 'replace', 'delete', 'upper', 'random_case')
+SOURCE = pathlib.Path('../shared/data/wikitext-2')
+
+
+def perturb(text: str, kind: str, rng: np.random.Generator, p: float = 0.1) -> str:
+  if kind == 'upper':
+    return text.upper()
+  out = []
+  for piece in re.findall(r'\S+|\s+', text):
+    chars = list(piece)
+    if not piece.isspace():
+      if kind == 'random_case':
+        chars = [c.upper() if rng.random() < 0.5 else c.lower() for c in chars]
+      else:
+        picked = np.flatnonzero(rng.random(len(chars)) < p)
+        if kind == 'delete':
+          dropped = set(picked.tolist())
+          chars = [c for i, c in enumerate(chars) if i not in dropped]
+        elif kind == 'replace':
+          for i in picked:
+            chars[i] = string.ascii_lowercase[rng.integers(26)]
+        else:   # permute
+          for i in picked:
+            j = rng.integers(len(chars))
+            chars[i], chars[j] = chars[j], chars[i]
+    out.append(''.join(chars))
+  return ''.join(out)
+
+
+def perturbed_dirs(root: str) -> dict[str, str]:
+  """Copies of the corpus directory whose valid.txt is perturbed (train and test link to the originals)."""
+  dirs = {'clean': str(SOURCE.resolve())}
+  text = (SOURCE / 'valid.txt').read_text()
+  for i, kind in enumerate(PERTURBATIONS):
+    directory = pathlib.Path(root, kind).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    for split in ('train', 'test'):
+      if not (directory / f'{split}.txt').exists():
+        (directory / f'{split}.txt').symlink_to(SOURCE.resolve() / f'{split}.txt')
+    (directory / 'valid.txt').write_text(perturb(text, kind, np.random.default_rng(i)))
+    dirs[kind] = str(directory)
+  return dirs
+
+
+def bpe_depth(workdir: str, shape: str, hat_flops_per_byte: float) -> tuple[int, float]:
+  """The BPE row's depth closest to HAT's FLOPs per byte, and the bytes per token it was matched at."""
+  from experiments.configs import hat as hat_configs
+  from train import config as config_lib, data
+  config = hat_configs.get_config(f'{shape},bpe')
+  dataset = data.Dataset(config, workdir)   # trains (and saves) the BPE tokenizer the run then uses
+  train = dataset.split('train')
+  bytes_per_token = train.n_bytes / len(train.stream)
+  per_byte = {}
+  for layers in range(1, 33):
+    config.model.num_layers = layers
+    model = config_lib.build_model(config, vocab_size=dataset.tokenizer.vocab_size)
+    per_byte[layers] = model.flops_per_token(config.train.seq_len) / bytes_per_token
+  return min(per_byte, key=lambda n: abs(per_byte[n] / hat_flops_per_byte - 1)), bytes_per_token
+
+
+def token_bytes(tokenizer) -> list[bytes]:
+  """The UTF-8 bytes each id stands for (eos: none)."""
+  if tokenizer.kind == 'byte':
+    return [bytes([i]) for i in range(256)] + [b'']
+  # Byte-level BPE writes byte b as one printable character: b itself for printable Latin-1, else 256 + n.
+  printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+  others = [b for b in range(256) if b not in printable]
+  char_to_byte = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+  vocab = tokenizer.tokenizer
+  return [b'' if i == tokenizer.eos_id else bytes(char_to_byte[c] for c in vocab.id_to_token(i))
+          for i in range(tokenizer.vocab_size)]
+
+
+def flat_word_accuracy(setup, state, max_batches: int, word_cap: int) -> float:
+  """Share of words (HAT's splitter) whose every overlapping target token the argmax predicts."""
+  import jax
+  from train import words
+  from train.trainer import mask_padded_vocab
+  model, params = setup.model, state['params']
+  predict = jax.jit(lambda tokens: mask_padded_vocab(model.apply({'params': params}, tokens)[0],
+                                                     setup.vocab_limit).argmax(-1))
+  pieces = token_bytes(setup.dataset.tokenizer)
+  right = total = 0
+  for batch in setup.dataset.eval_batches('valid', max_batches):
+    correct = np.asarray(predict(batch['tokens'])) == batch['targets']
+    for row in range(len(correct)):
+      scored = batch['weights'][row] > 0
+      spans = [pieces[t] for t in batch['targets'][row][scored]]
+      lengths = np.asarray([len(s) for s in spans])
+      ends = np.cumsum(lengths)
+      bad = np.concatenate([[0], np.cumsum(~correct[row][scored] & (lengths > 0))])
+      start = 0
+      for word in words.split_bytes(b''.join(spans), 'whitespace', word_cap):
+        first, last = np.searchsorted(ends, start, 'right'), np.searchsorted(ends, start + len(word), 'left')
+        right += bad[last + 1] == bad[first]
+        total += 1
+        start += len(word)
+  return right / max(total, 1)
+
+
+def evaluate_all(workdirs: dict[str, str], dirs: dict[str, str], max_batches: int, word_cap: int) -> dict:
+  from train import config as config_lib, restore
+  results = {}
+  for row, workdir in workdirs.items():
+    for condition, directory in dirs.items():
+      config = config_lib.load_workdir_config(workdir)
+      config.data.dir = directory
+      setup, state = restore.load_run(config, workdir)
+      ev = setup.evaluate(setup.make_eval_step(), state['params'], state['model_state'], 'valid', max_batches)
+      if row != 'hat':
+        ev['accuracy'] = flat_word_accuracy(setup, state, max_batches, word_cap)
+      results.setdefault(row, {})[condition] = {'bpb': ev['bpb'], 'word_accuracy': ev['accuracy']}
+      print(f'{row} {condition}: bpb {ev["bpb"]:.3f}, word accuracy {ev["accuracy"]:.3f}', flush=True)
+  return results
+
+
+def plot(result: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  rows = list(result['eval'])
+  width = 0.8 / len(rows)
+  for k, row in enumerate(rows):
+    clean = result['eval'][row]['clean']
+    xs = np.arange(len(PERTURBATIONS)) + k * width
+    axes[0].bar(xs, [result['eval'][row][p]['bpb'] / clean['bpb'] - 1 for p in PERTURBATIONS], width, label=row)
+    axes[1].bar(xs, [result['eval'][row][p]['word_accuracy'] / clean['word_accuracy'] - 1 for p in PERTURBATIONS],
+                width, label=row)
+  for ax, label in zip(axes, ('relative bpb increase', 'relative word accuracy change')):
+    ax.set_xticks(np.arange(len(PERTURBATIONS)) + 0.4 - width / 2, PERTURBATIONS)
+    ax.set(ylabel=label)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def render(shape: str, result: dict) -> str:
+  lines = [f'# HAT against BPE and byte Transformers under perturbation, {shape}', '',
+           f'Produced by `python -m experiments.hat --shape {shape}` on {result["hardware"]}, {result["date"]}, '
+           f'commit {result["commit"]}. WikiText-2 (`../shared/data/wikitext-2`), every row on windows of the same '
+           f'text (512 bytes, or 128 BPE tokens of {result["bytes_per_token"]:.2f} bytes each on average). The BPE '
+           f'row\'s depth ({result["bpe_layers"]} layers) is the one closest to HAT\'s FLOPs per byte, HAT counted '
+           'as executed (every padded word slot); the byte row is a flat byte Transformer of the backbone\'s width '
+           'and depth. train time: compilation and steps, from the run\'s metrics.', '', '## Training', '']
+  lines += runner.table(
+      ['row', 'params', 'non-embedding params', 'GFLOPs per byte (train)', 'steps', 'valid bpb', 'test bpb',
+       'tokens/s', 'train time s'],
+      [[r['name'], r['params'], r['non_embedding_params'], round(result['flops_per_byte'][r['name']] / 1e9, 4),
+        r['steps'], r['valid_bpb'], r['test_bpb'], r['tokens_per_sec'], r['train_time_s']]
+       for r in result['trained']])
+  conditions = ['clean', *PERTURBATIONS]
+  for metric, title in (('bpb', 'Bits per byte'), ('word_accuracy', 'Word accuracy')):
+    lines += ['', f'## {title} on the validation text, clean and perturbed (first {result["eval_batches"]} '
+              'batches)', '']
+    lines += runner.table(['row', *conditions],
+                          [[row, *(round(result['eval'][row][c][metric], 4) for c in conditions)]
+                           for row in result['eval']])
+  lines += ['', '## Relative change from clean (bpb up, word accuracy down)', '']
+  lines += runner.table(['row', *(f'{p} bpb' for p in PERTURBATIONS), *(f'{p} acc' for p in PERTURBATIONS)],
+                        [[row, *(f'{e[p]["bpb"] / e["clean"]["bpb"] - 1:+.1%}' for p in PERTURBATIONS),
+                          *(f'{e[p]["word_accuracy"] / max(e["clean"]["word_accuracy"], 1e-9) - 1:+.1%}'
+                            for p in PERTURBATIONS)]
+                         for row, e in result['eval'].items()])
+  lines += ['', '## Commands', ''] + [f'- `{r["command"]}`' for r in result['trained']]
+  lines += ['', f'![robustness](hat-{shape}.png)']
+  return '\n'.join(lines) + '\n'
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--shape', default='tiny')
+  parser.add_argument('--eval_batches', type=int, default=40)
+  parser.add_argument('--runs', default='runs')
+  parser.add_argument('--results', default='results')
+  args = parser.parse_args()
+  from experiments.configs import hat as hat_configs
+  from train import config as config_lib
+  root = os.path.abspath(os.path.join(args.runs, f'hat-{args.shape}'))
+  workdirs = {row: os.path.join(root, row) for row in hat_configs.ROWS}
+  hat_config = hat_configs.get_config(f'{args.shape},hat')
+  hat_model = config_lib.build_model(hat_config, vocab_size=258)
+  flops = {'hat': hat_model.flops_per_token(hat_config.train.seq_len)}
+  layers, bytes_per_token = bpe_depth(workdirs['bpe'], args.shape, flops['hat'])
+  overrides = {'hat': [], 'byte': [], 'bpe': [f'model.num_layers={layers}']}
+  result = {'commit': runner.git_commit(), 'hardware': runner.hardware(), 'date': datetime.date.today().isoformat(),
+            'eval_batches': args.eval_batches, 'bpe_layers': layers, 'bytes_per_token': bytes_per_token}
+  result['trained'] = [runner.train_and_evaluate(f'{CONFIG}:{args.shape},{row}', workdirs[row], overrides[row],
+                                                 name=row, max_batches=args.eval_batches) for row in workdirs]
+  for r in result['trained']:
+    if r['name'] != 'hat':
+      per_token = r['train_flops'] / r['train_tokens']
+      flops[r['name']] = per_token / (bytes_per_token if r['name'] == 'bpe' else 1.0)
+  result['flops_per_byte'] = flops
+  dirs = perturbed_dirs(os.path.join(root, 'perturbed'))
+  result['eval'] = evaluate_all(workdirs, dirs, args.eval_batches, hat_config.model.max_word_bytes)
+  os.makedirs(args.results, exist_ok=True)
+  with open(os.path.join(args.results, f'hat-{args.shape}.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  plot(result, os.path.join(args.results, f'hat-{args.shape}.png'))
+  with open(os.path.join(args.results, f'hat-{args.shape}.md'), 'w') as f:
+    f.write(render(args.shape, result))
+  print(render(args.shape, result))
+
+
+if __name__ == '__main__':
+  main()
