@@ -278,7 +278,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Feed-forward: `gelu` (two matrices) or `swiglu` (gated, three matrices)."""
+  """Feed-forward: `gelu` (two matrices), or gated with three: `swiglu`, `geglu` (T5.1.1's gated GELU)."""
   hidden: int
   kind: str = 'gelu'
   use_bias: bool = True
@@ -291,11 +291,11 @@ class Mlp(nn.Module):
     up = dense(self.hidden, ('embed', 'mlp'), use_bias=self.use_bias, dtype=self.dtype, name='up')(x)
     if self.kind == 'gelu':
       h = nn.gelu(up, approximate=False)
-    elif self.kind == 'swiglu':
+    elif self.kind in ('swiglu', 'geglu'):
       gate = dense(self.hidden, ('embed', 'mlp'), use_bias=self.use_bias, dtype=self.dtype, name='gate')(x)
-      h = nn.silu(gate) * up
+      h = (nn.silu(gate) if self.kind == 'swiglu' else nn.gelu(gate, approximate=True)) * up
     else:
-      raise ValueError(f'unknown mlp kind {self.kind!r} (gelu or swiglu)')
+      raise ValueError(f'unknown mlp kind {self.kind!r} (gelu, swiglu or geglu)')
     h = constrain(h, ('batch', 'length', 'act_mlp'))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     out = dense(x.shape[-1], ('mlp', 'embed'), use_bias=self.use_bias, dtype=self.dtype, kernel_init=self.out_init,
@@ -305,4 +305,4 @@ class Mlp(nn.Module):
 
 def mlp_matmul_params(d_model: int, hidden: int, kind: str) -> int:
   """Weights in one feed-forward (for analytic FLOPs)."""
-  return (3 if kind == 'swiglu' else 2) * d_model * hidden
+  return (3 if kind in ('swiglu', 'geglu') else 2) * d_model * hidden

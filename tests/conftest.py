@@ -23,7 +23,10 @@ TINY_MODELS = {
                      topk=2),
     'hat': dict(byte_width=32, byte_heads=2, byte_ff=64, encoder_layers=1, decoder_layers=1, d_model=32,
                 num_layers=2, num_heads=2, d_ff=64, max_words=8, max_word_bytes=8),
+    'byt5': dict(d_model=32, num_heads=2, d_ff=64, encoder_layers=3, decoder_layers=2, gate_layer=1, mean_span=3.0,
+                 hard_buckets=4),
 }
+TINY_MODELS['mrt5'] = TINY_MODELS['byt5']
 
 
 def tiny_config(model='transformer', **overrides):
@@ -75,6 +78,8 @@ BASE_CONFIG_FILES = {
     'mor': 'experiments/configs/mor.py:tiny,mor3',
     'landmark': 'experiments/configs/landmark.py:tiny,landmark',
     'hat': 'experiments/configs/hat.py:tiny',
+    'byt5': 'experiments/configs/mrt5.py:tiny,byt5',
+    'mrt5': 'experiments/configs/mrt5.py:tiny,mrt5',
 }
 
 

@@ -53,6 +53,7 @@ def default_config(model: str = 'transformer') -> ml_collections.ConfigDict:
       schedule='cosine', decay_fraction=0.2,   # cosine | wsd (constant, then linear over the last decay_fraction)
       log_every=10, eval_every=500, eval_batches=0,   # eval_batches 0 = the whole validation split
       stop_at=0,   # end this invocation at this step with a checkpoint (time-sliced jobs); 0 = run to train.steps
+      init_from='',   # a run directory: start from its latest parameters where paths and shapes match
       peak_flops_per_device=0.0,                       # for MFU; 0 = from the device kind
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from train import passkey, paths, tokenizers, words
+from train import passkey, paths, seq2seq, tokenizers, words
 
 SPLITS = ('train', 'valid', 'test')
 CORPORA = ('stdlib', 'text', 'wikitext2', 'documents')
@@ -214,6 +214,13 @@ def word_batch(windows: np.ndarray, valid: np.ndarray, model_config) -> dict:
                           splitter=model_config.splitter)
 
 
+@batch_format('seq2seq')
+def seq2seq_batch(windows: np.ndarray, valid: np.ndarray, model_config) -> dict:
+  """Encoder-decoder examples (MrT5, ByT5) of the model's `task`, one per window (`train.seq2seq`)."""
+  return seq2seq.make_batch(windows, valid, task=model_config.task, noise_density=model_config.noise_density,
+                            mean_span=model_config.mean_span)
+
+
 # ------------------------------------------------------------------------------------------------ batches
 
 class SplitWindows:
@@ -263,7 +270,7 @@ class Dataset:
     if not config.data.corpus.startswith('tfds:'):
       corpus_files(config.data)   # missing directories and files fail here, before any compiling
     self.tokenizer = load_or_train_tokenizer(config.data, workdir)
-    if fmt == 'words' and self.tokenizer.kind != 'byte':
+    if fmt in ('words', 'seq2seq') and self.tokenizer.kind != 'byte':
       raise DataError(f'model.name={config.model.name} reads bytes: set data.tokenizer=byte')
     self._splits: dict[str, SplitWindows] = {}
 

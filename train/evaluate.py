@@ -2,7 +2,8 @@
                           [--config.data.dir=...]
 
 Prints one JSON line: loss (nats per token), perplexity, bits per byte (total NLL over the split's
-UTF-8 bytes: comparable across tokenizers) and the number of scored tokens. `--draws K` averages over K
+UTF-8 bytes: comparable across tokenizers), accuracy, the number of scored tokens and the model's own
+metrics (e.g. MrT5's deletion rate). `--draws K` averages over K
 keys of the model's RNG streams (lexinvariant's random embedding tables) and adds `loss_std` across
 them; `--per_position` adds `nll_by_position`, the mean NLL at each position of the context window.
 """
@@ -38,9 +39,9 @@ def main(argv):
   runs = [setup.evaluate(eval_step, state['params'], state['model_state'], fv.split, fv.max_batches, draw=draw,
                          per_position=fv.per_position) for draw in range(fv.draws)]
   losses = np.array([r['loss'] for r in runs])
-  result = {'loss': losses.mean(), 'ppl': math.exp(min(losses.mean(), 80.0)),
-            'bpb': float(np.mean([r['bpb'] for r in runs])), 'accuracy': float(np.mean([r['accuracy'] for r in runs])),
-            'tokens': runs[0]['tokens']}
+  averaged = [k for k in runs[0] if k not in ('loss', 'ppl', 'tokens', 'nll_by_position')]
+  result = {'loss': losses.mean(), 'ppl': math.exp(min(losses.mean(), 80.0)), 'tokens': runs[0]['tokens'],
+            **{k: float(np.mean([r[k] for r in runs])) for k in averaged}}
   if fv.draws > 1:
     result.update(draws=fv.draws, loss_std=losses.std())
   if fv.per_position:

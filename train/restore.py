@@ -17,3 +17,20 @@ def load_run(config, workdir: str):
   finally:
     ckpt.close()
   return setup, state
+
+
+def params_from_run(source: str, params) -> tuple[dict, list[str]]:
+  """`params` with each leaf that the latest checkpoint of the run in `source` holds at the same path and
+  shape replaced by the trained one (continued training, e.g. MrT5 from ByT5); also the names of the
+  leaves left as initialised (new modules such as the delete gate)."""
+  import jax
+  from flax import traverse_util
+  _, state = load_run(config_lib.load_workdir_config(source), source)
+  trained = traverse_util.flatten_dict(state['params'], sep='/')
+  merged, fresh = {}, []
+  for name, leaf in traverse_util.flatten_dict(params, sep='/').items():
+    if name in trained and trained[name].shape == leaf.shape:
+      merged[name] = jax.device_put(trained[name].astype(leaf.dtype), leaf.sharding)
+    else:
+      merged[name], fresh = leaf, fresh + [name]
+  return traverse_util.unflatten_dict(merged, sep='/'), fresh

@@ -142,11 +142,12 @@ class Setup:
   def make_eval_step(self):
     """(params, model_state, batch, key) -> weighted NLL and weight summed over the batch per position,
     then the scoring units (tokens; words for word-structured [batch, words, bytes] targets) predicted
-    entirely right by argmax, the units, and the UTF-8 bytes the batch counts (0 when it counts none)."""
+    entirely right by argmax, the units, the UTF-8 bytes the batch counts (0 when it counts none), and
+    the model's metrics (its aux entries other than losses) times the batch's weight."""
     model, vocab_limit = self.model, self.vocab_limit
 
     def eval_step(params, model_state, batch, key):
-      logits, _ = model.apply({'params': params, **model_state}, **model_inputs(batch), train=False,
+      logits, aux = model.apply({'params': params, **model_state}, **model_inputs(batch), train=False,
                               rngs=stream_keys(model, key))
       weights = batch['weights']
       nll = token_nll(logits, batch['targets'], vocab_limit) * weights
@@ -155,15 +156,16 @@ class Setup:
       if weights.ndim == 3:   # a word is right when all its scored targets are
         right, scored = right.all(-1), scored.any(-1)
       bytes_ = batch['bytes'].sum() if 'bytes' in batch else jnp.zeros(())
-      return nll.sum(0), weights.sum(0), (right & scored).sum(), scored.sum(), bytes_
+      metrics = {k: v * weights.sum() for k, v in aux.items() if not k.startswith('loss/')}
+      return nll.sum(0), weights.sum(0), (right & scored).sum(), scored.sum(), bytes_, metrics
 
     return jax.jit(eval_step, out_shardings=sharding.replicated(self.mesh))
 
   def evaluate(self, eval_step, params, model_state, split: str, max_batches: int = 0, draw: int = 0,
                per_position: bool = False) -> dict:
     """Loss, perplexity, bits per byte (total NLL over the UTF-8 bytes scored: the split's, pro rata,
-    unless the batches count their own) and accuracy (of tokens, or of words for word-structured
-    batches) on one split.
+    unless the batches count their own), accuracy (of tokens, or of words for word-structured
+    batches) and the model's own metrics (averaged over batches by their weight) on one split.
 
     `draw` picks the key of the model's RNG streams (a fixed function of the seed, so evaluation is
     reproducible); `per_position` adds the mean NLL at each position of the window."""
@@ -172,11 +174,13 @@ class Setup:
     for batch in self.dataset.eval_batches(split, max_batches, self.rows):
       out = eval_step(params, model_state, self.global_batch(batch), key)
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)   # stays on device until the end
+    *totals, metrics = totals
     nll, weight, right, units, counted_bytes = (np.asarray(t, np.float64) for t in totals)
     loss = nll.sum() / max(weight.sum(), 1.0)
     n_bytes = counted_bytes if counted_bytes else self.dataset.eval_bytes(split, max_batches)
     result = {'loss': loss, 'ppl': math.exp(min(loss, 80.0)), 'bpb': nll.sum() / LN2 / n_bytes,
-              'accuracy': right / max(units, 1.0), 'tokens': int(weight.sum())}
+              'accuracy': right / max(units, 1.0), 'tokens': int(weight.sum()),
+              **{k: float(v) / max(weight.sum(), 1.0) for k, v in metrics.items()}}
     if per_position:
       result['nll_by_position'] = (nll / np.maximum(weight, 1.0)).tolist()
     return result
@@ -260,6 +264,10 @@ class Trainer:
       state, run_id = setup.init_state(), metrics_lib.new_wandb_run_id()
     start = int(jax.device_get(state['step']))
     writer = metrics_lib.MetricsWriter(self.workdir, config, run_id=run_id, total_steps=t.steps, initial_step=start)
+    if latest is None and t.get('init_from'):
+      from train import restore
+      state['params'], fresh = restore.params_from_run(t.init_from, state['params'])
+      writer.note(f'initialised from {t.init_from}; newly initialised: {", ".join(fresh) or "nothing"}')
     if threading.current_thread() is threading.main_thread():
       signal.signal(signal.SIGTERM, self._request_stop)
     tokens_per_step = t.batch_size * t.seq_len

@@ -1,0 +1,46 @@
+"""ByT5 and MrT5 on span corruption over WikiText-2 bytes, and MrT5's vowel-removal diagnostic (the spec's §2.7).
+
+  --config experiments/configs/mrt5.py:SHAPE,ROW
+    SHAPE   tiny (CPU: 6 encoder / 2 decoder layers at d=128, 4 heads; inputs of 256 bytes, batch 16)
+            | small (accelerator, the spec's T5-tiny: d=256, 4 heads; inputs of 1024 bytes, batch 32)
+    ROW     byt5 (no deletion) | mrt5 (delete gate at layer 2, PI controller toward model.target_deletion)
+            | random | fixed (deletion at model.target_deletion: the paper's RandomT5 and FixedT5)
+            | vowel_t5 | vowel_mrt5 (the diagnostic: 3 + 3 layers, strings of 64 random letters)
+
+Span corruption: noise density 0.15, mean span 20 bytes (the paper's). The deletion rows are meant to
+continue a trained byt5 run (`--config.train.init_from=DIR`), as the paper continues ByT5: AdamW at a
+constant learning rate (the paper: 1e-4, linear decay, no warm-up; ours is higher for the short runs),
+no gate-loss delay, β = 0.5 for the score regulariser. The diagnostic follows the paper's: the gate at
+layer 2 with k = -10, a fixed α after a delay, softmax₁ everywhere.
+"""
+
+from train.config import default_config
+
+SHAPES = {   # d_model, heads, d_ff, seq_len, batch, steps, lr
+    'tiny': (128, 4, 320, 256, 16, 600, 2e-3),
+    'small': (256, 4, 640, 1024, 32, 5000, 1e-3),
+}
+ROWS = ('byt5', 'mrt5', 'random', 'fixed', 'vowel_t5', 'vowel_mrt5')
+
+
+def get_config(arg='tiny,byt5'):
+  shape, row = (arg.split(',') + ['byt5'])[:2]
+  if row not in ROWS:
+    raise ValueError(f'row {row!r} must be one of {", ".join(ROWS)}')
+  d, heads, d_ff, seq_len, batch, steps, lr = SHAPES[shape]
+  vowels = row.startswith('vowel')
+  c = default_config('byt5' if row in ('byt5', 'vowel_t5') else 'mrt5')
+  c.model.update(d_model=d, num_heads=heads, d_ff=d_ff, encoder_layers=6, decoder_layers=2, gate_layer=2,
+                 deletion={'random': 'random', 'fixed': 'fixed', 'byt5': 'none', 'vowel_t5': 'none'}.get(row, 'gate'))
+  c.data.update(corpus='wikitext2', dir='../shared/data/wikitext-2', tokenizer='byte')
+  c.train.update(steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, min_lr_ratio=0.1, b2=0.99,
+                 warmup_steps=steps // 20, weight_decay=0.01, grad_clip=1.0, log_every=25, eval_every=steps,
+                 eval_batches=20)
+  if vowels:   # the corpus only seeds the random strings
+    c.model.update(task='vowel_removal', encoder_layers=3, decoder_layers=3, gate_scale=-10.0, controller='fixed',
+                   gate_alpha=1e-2, regularizer_delay=steps // 3)
+    c.train.update(seq_len=65, batch_size=32, steps=2 * steps)
+  c.checkpoint.every = c.train.steps
+  c.wandb.mode = 'disabled'
+  c.wandb.name = f'mrt5-{shape}-{row}'
+  return c

@@ -1,0 +1,380 @@
+"""ByT5-style byte-level encoder-decoder (`byt5`) and MrT5's learned delete gate on top of it (`mrt5`),
+arXiv 2410.20771; spec: ../shared/specs/hat-mrt5-landmark-lexinvariant.md section 2.
+
+The base model is T5.1.1 at byte level: pre-RMSNorm layers without biases, a T5 relative position bias
+per stack (bidirectional in the encoder, causal in the decoder, shared by the stack's layers), gated-GELU
+feed-forward, untied readout, and softmax₁ (`softmax1`: an implicit extra zero logit, the paper's
+attention for ByT5 and MrT5 alike). Batches come from `train.seq2seq` (span corruption, vowel removal).
+
+Deletion (`deletion`) acts at the start of encoder layer `gate_layer`:
+  gate    G = k·σ(-(w·RMSNorm(h) + b)), k = `gate_scale` = -30, b initialised to 1 and w to zero
+          (`gate_kernel_init`), so G ≈ -8 at the start and nothing is deleted; pads get G = k.
+  random  a N(δ, 0.05) share of each sequence gets G = k, the rest 0 (the paper's RandomT5).
+  fixed   evenly spaced bytes inside each run between separators (space, punctuation, eos) get G = k,
+          a δ share of each run (FixedT5).
+Soft deletion (training; `eval_deletion=soft`): G is a key bias in every later encoder self-attention
+(layer `gate_layer` included) and every decoder cross-attention. Hard deletion (evaluation,
+generation): tokens with G < k/2 are dropped. The kept ones are gathered in order to the smallest of
+`hard_buckets` static lengths that holds every row's kept tokens, so the later layers and the
+cross-attention really run on shorter tensors. Kept tokens keep their original positions, so their
+relative position bias is that of the full sequence, and their gate values stay key biases, so hard
+equals soft deletion once deleted gates sit at k.
+
+Training losses (gate only): `loss/gate` = α·mean(G) over non-pad tokens, with α from the PI controller
+toward the deletion rate δ = `target_deletion` (`controller=pi`; state in the `controller` collection)
+or fixed (`controller=fixed`, `gate_alpha`), both off for the first `regularizer_delay` steps; and
+`loss/score` = β·mean(max(s, 5) - 5) over the pre-softmax logits s (position bias and mask in, gate out)
+of the gated encoder layers and all cross-attentions (App. D, for training from scratch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import layers
+from models.registry import LanguageModel, register
+from train import seq2seq
+
+DELETIONS = ('none', 'gate', 'random', 'fixed')
+SCORE_THRESHOLD = 5.0
+MASKED = -1e9   # finite, so the score penalty of masked logits is exactly zero
+ALNUM = np.frombuffer(b'0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ', np.uint8).astype(np.int32)
+
+
+def softmax_one(logits: jax.Array) -> jax.Array:
+  """exp(x_i) / (1 + Σ_j exp(x_j)) over the last axis, stable: the row maximum (at least 0) is taken out.
+  A row whose logits are all masked gets zero weights."""
+  top = jax.lax.stop_gradient(jnp.maximum(logits.max(-1, keepdims=True), 0.0))
+  e = jnp.exp(logits - top)
+  return e / (jnp.exp(-top) + e.sum(-1, keepdims=True))
+
+
+class T5Attention(nn.Module):
+  """Attention on explicit logits (the score regulariser reads them); returns (out, score penalty)."""
+  num_heads: int
+  head_dim: int
+  softmax1: bool
+  dtype: layers.Dtype
+
+  @nn.compact
+  def __call__(self, x, kv, mask, position_bias=None, key_bias=None):
+    project = lambda y, name: layers.dense((self.num_heads, self.head_dim), ('embed', 'heads', 'kv'),
+                                           use_bias=False, dtype=self.dtype, name=name)(y)
+    q, k, v = project(x, 'query'), project(kv, 'key'), project(kv, 'value')
+    q = layers.constrain(q, ('batch', 'length', 'act_heads', None))
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
+    if position_bias is not None:
+      scores = scores + position_bias
+    scores = jnp.where(mask, scores, MASKED)
+    penalty = jnp.mean(jnp.maximum(scores, SCORE_THRESHOLD) - SCORE_THRESHOLD)
+    if key_bias is not None:
+      scores = scores + key_bias[:, None, None, :]
+    weights = softmax_one(scores) if self.softmax1 else jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+    out = layers.dense(x.shape[-1], ('heads', 'kv', 'embed'), axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                       name='out')(out)
+    return layers.constrain(out, ('batch', 'length', 'act_embed')), penalty
+
+
+class T5Layer(nn.Module):
+  """Pre-RMSNorm self-attention, cross-attention (decoder layers), gated-GELU feed-forward."""
+  d_model: int
+  num_heads: int
+  d_ff: int
+  softmax1: bool
+  dropout: float
+  dtype: layers.Dtype
+  cross: bool = False
+
+  @nn.compact
+  def __call__(self, h, *, mask, position_bias, key_bias=None, encoded=None, encoded_mask=None,
+               encoded_key_bias=None, train=False):
+    """-> (h, self-attention score penalty, cross-attention score penalty)."""
+    attention = lambda name: T5Attention(self.num_heads, self.d_model // self.num_heads, self.softmax1, self.dtype,
+                                         name=name)
+    norm = lambda name: layers.norm('rmsnorm', dtype=self.dtype, epsilon=1e-6, name=name)
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = norm('self_norm')(h)
+    out, self_penalty = attention('self_attention')(y, y, mask, position_bias, key_bias)
+    h = h + drop(out)
+    cross_penalty = jnp.zeros(())
+    if self.cross:
+      out, cross_penalty = attention('cross_attention')(norm('cross_norm')(h), encoded, encoded_mask, None,
+                                                        encoded_key_bias)
+      h = h + drop(out)
+    mlp = layers.Mlp(self.d_ff, kind='geglu', use_bias=False, dropout=self.dropout, dtype=self.dtype, name='mlp')
+    return h + drop(mlp(norm('mlp_norm')(h), train=train)), self_penalty, cross_penalty
+
+
+class DeleteGate(nn.Module):
+  """G = k·σ(-(w·RMSNorm(h) + b)) in [k, 0]: ~0 keeps a token, ~k deletes it."""
+  scale: float
+  bias_init: float
+  kernel_init: str
+
+  @nn.compact
+  def __call__(self, h):
+    y = layers.norm('rmsnorm', epsilon=1e-6, name='norm')(h).astype(jnp.float32)
+    init = nn.initializers.zeros_init() if self.kernel_init == 'zeros' else nn.initializers.xavier_uniform()
+    w = self.param('kernel', layers.logical(init, ('embed', None)), (h.shape[-1], 1))
+    b = self.param('bias', layers.logical(nn.initializers.constant(self.bias_init), (None,)), (1,))
+    return self.scale * jax.nn.sigmoid(-(y @ w + b)[..., 0])
+
+
+def pi_controller_update(terms, rate, target, k_p, k_i, ema):
+  """One step of MrT5's PI controller on terms = [P, I]: with e = target - rate,
+  P <- ema·P + (1 - ema)·k_p·e and I <- I + k_i·e; the gate loss weight is then α = max(0, P + I)."""
+  error = target - rate
+  return jnp.stack([ema * terms[0] + (1 - ema) * k_p * error, terms[1] + k_i * error])
+
+
+def hard_bucket_sizes(length: int, buckets: int) -> list[int]:
+  """The static encoder lengths hard deletion compacts to: ceil(length·i/buckets), i = 1..buckets."""
+  return sorted({-(-length * i // buckets) for i in range(1, buckets + 1)})
+
+
+@register('byt5')
+class ByT5(LanguageModel):
+  """Byte-level T5 encoder-decoder; `mrt5` is the same model with `deletion=gate`."""
+  batch_format = 'seq2seq'
+  rng_streams = ('dropout', 'deletion')
+  vocab_size: int = 0
+  d_model: int = 256
+  num_heads: int = 4
+  d_ff: int = 512
+  encoder_layers: int = 6
+  decoder_layers: int = 2
+  num_buckets: int = 32
+  max_distance: int = 128
+  softmax1: bool = True
+  dropout: float = 0.0
+  dtype: str = 'float32'
+  task: str = 'span_corruption'   # span_corruption | vowel_removal (train/seq2seq.py)
+  noise_density: float = 0.15
+  mean_span: float = 20.0
+  deletion: str = 'none'          # none | gate | random | fixed
+  gate_layer: int = 3             # the gate reads the hidden states after this many encoder layers
+  gate_scale: float = -30.0       # k
+  gate_bias_init: float = 1.0
+  # zeros: every token starts at G = k·σ(-1) ≈ -8, kept (what the paper says of its start); xavier: the
+  # official code's init, which on our trained ByT5 states put every gate at k, where it stays stuck
+  gate_kernel_init: str = 'zeros'
+  target_deletion: float = 0.5    # δ: the PI controller's target; the random/fixed deletion rate
+  controller: str = 'pi'          # pi | fixed (gate_alpha)
+  controller_p: float = 0.5       # k_p
+  controller_i: float = 1e-5      # k_i
+  controller_ema: float = 0.9
+  gate_alpha: float = 0.0
+  regularizer_delay: int = 0      # steps without gate loss
+  score_weight: float = 0.5       # β of the attention-score regulariser (gate only; 0 = off)
+  eval_deletion: str = 'hard'     # hard | soft, at evaluation and in generation
+  hard_buckets: int = 8
+
+  def validate(self):
+    super().validate()
+    checks = [(self.deletion in DELETIONS, f'model.deletion={self.deletion!r} must be one of {", ".join(DELETIONS)}'),
+              (self.task in seq2seq.TASKS, f'model.task={self.task!r} must be one of {", ".join(seq2seq.TASKS)}'),
+              (0 <= self.gate_layer < self.encoder_layers,
+               f'model.gate_layer={self.gate_layer} must be in [0, model.encoder_layers={self.encoder_layers})'),
+              (self.gate_scale < 0, f'model.gate_scale={self.gate_scale} must be negative'),
+              (0 <= self.target_deletion < 1, f'model.target_deletion={self.target_deletion} must be in [0, 1)'),
+              (self.gate_kernel_init in ('zeros', 'xavier'),
+               f"model.gate_kernel_init={self.gate_kernel_init!r} must be 'zeros' or 'xavier'"),
+              (self.controller in ('pi', 'fixed'), f"model.controller={self.controller!r} must be 'pi' or 'fixed'"),
+              (self.eval_deletion in ('hard', 'soft'),
+               f"model.eval_deletion={self.eval_deletion!r} must be 'hard' or 'soft'"),
+              (self.hard_buckets > 0, 'model.hard_buckets must be positive'),
+              (0 < self.noise_density < 1 and self.mean_span >= 1,
+               'model.noise_density must be in (0, 1) and model.mean_span at least 1')]
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(message)
+
+  def setup(self):
+    dtype = jnp.dtype(self.dtype)
+    self.embed = layers.Embed(self.vocab_size, self.d_model, dtype=dtype)
+    bias = lambda bidirectional: layers.RelativePositionBias(self.num_heads, bidirectional, self.num_buckets,
+                                                             self.max_distance)
+    self.encoder_bias, self.decoder_bias = bias(True), bias(False)
+    layer = lambda cross: T5Layer(self.d_model, self.num_heads, self.d_ff, self.softmax1, self.dropout, dtype, cross)
+    self.encoder = [layer(False) for _ in range(self.encoder_layers)]
+    self.decoder = [layer(True) for _ in range(self.decoder_layers)]
+    self.encoder_norm = layers.norm('rmsnorm', dtype=dtype, epsilon=1e-6)
+    self.decoder_norm = layers.norm('rmsnorm', dtype=dtype, epsilon=1e-6)
+    self.readout = layers.dense(self.vocab_size, ('embed', 'vocab'), use_bias=False, dtype=dtype)
+    if self.deletion == 'gate':
+      self.gate = DeleteGate(self.gate_scale, self.gate_bias_init, self.gate_kernel_init)
+      # The controller's state: steps seen (for the delay), the EMA'd proportional term, the integral.
+      self.controller_step = self.variable('controller', 'step', lambda: jnp.zeros((), jnp.int32))
+      self.controller_terms = self.variable('controller', 'terms', lambda: jnp.zeros((2,)))
+    self.drop = nn.Dropout(self.dropout)
+
+  # ------------------------------------------------------------------------------------ the stacks
+  def encode_front(self, encoder_tokens, train: bool = False):
+    """Embedding and the encoder layers before the gate -> (h, valid, positions, G or None)."""
+    valid = encoder_tokens != seq2seq.PAD
+    positions = jnp.broadcast_to(jnp.arange(encoder_tokens.shape[1]), encoder_tokens.shape)
+    h = self.drop(self.embed(encoder_tokens), deterministic=not train)
+    bias, mask = self.encoder_bias(positions, positions), layers.padding_mask(valid, valid)
+    for layer in self.encoder[:self.gate_layer]:
+      h, _, _ = layer(h, mask=mask, position_bias=bias, train=train)
+    return h, valid, positions, self.gate_values(h, encoder_tokens, valid)
+
+  def encode_back(self, h, valid, positions, gate, train: bool = False):
+    """The encoder layers from the gate on, `gate` [batch, length] (or None) a key bias -> (out, penalties)."""
+    bias, mask = self.encoder_bias(positions, positions), layers.padding_mask(valid, valid)
+    penalties = []
+    for layer in self.encoder[self.gate_layer:]:
+      h, penalty, _ = layer(h, mask=mask, position_bias=bias, key_bias=gate, train=train)
+      penalties.append(penalty)
+    return self.encoder_norm(h), penalties
+
+  def decode(self, encoded, encoded_valid, gate, decoder_tokens, train: bool = False):
+    """Decoder logits [batch, target, vocab] and the cross-attention score penalties."""
+    positions = jnp.broadcast_to(jnp.arange(decoder_tokens.shape[1]), decoder_tokens.shape)
+    y = self.drop(self.embed(decoder_tokens), deterministic=not train)
+    bias, mask = self.decoder_bias(positions, positions), layers.causal_mask(positions, positions)
+    encoded_mask = encoded_valid[:, None, None, :]
+    penalties = []
+    for layer in self.decoder:
+      y, _, penalty = layer(y, mask=mask, position_bias=bias, encoded=encoded, encoded_mask=encoded_mask,
+                            encoded_key_bias=gate, train=train)
+      penalties.append(penalty)
+    y = self.drop(self.decoder_norm(y), deterministic=not train)
+    return self.readout(y).astype(jnp.float32), penalties
+
+  # ------------------------------------------------------------------------------------ deletion
+  def gate_values(self, h, tokens, valid):
+    """G [batch, length] in [k, 0] (pads at k), or None without deletion."""
+    k = self.gate_scale
+    if self.deletion == 'none':
+      return None
+    if self.deletion == 'gate':
+      return jnp.where(valid, self.gate(h), k)
+    if self.deletion == 'random':
+      rate_key, draw_key = jax.random.split(self.make_rng('deletion'))
+      rate = self.target_deletion + 0.05 * jax.random.normal(rate_key, (tokens.shape[0], 1))
+      deleted = jax.random.uniform(draw_key, tokens.shape) < rate
+    else:   # fixed: a δ share of each run between separators, evenly spaced
+      ascii_ = tokens < 128
+      separator = ((tokens == seq2seq.EOS) | (ascii_ & ~jnp.isin(tokens, jnp.asarray(ALNUM)))) & valid
+      index = jnp.arange(tokens.shape[1])
+      last_separator = jax.lax.cummax(jnp.where(separator | ~valid, index, -1), axis=1)
+      j = index - last_separator - 1   # position inside the run
+      share = lambda n: jnp.floor(n * self.target_deletion + 0.5)
+      deleted = ~separator & (share(j + 1) > share(j))
+    return jnp.where(deleted | ~valid, k, 0.0)
+
+  def deleted(self, gate, valid):
+    return (gate < self.gate_scale / 2) & valid
+
+  def _hard_forward(self, h, valid, positions, gate, decoder_tokens):
+    """Hard deletion: the kept tokens, in order, gathered to the smallest bucket that holds them all."""
+    keep = valid & ~self.deleted(gate, valid)
+    order = jnp.argsort(~keep, axis=1, stable=True)
+    sizes = hard_bucket_sizes(h.shape[1], self.hard_buckets)
+    index = jnp.searchsorted(jnp.asarray(sizes), keep.sum(1).max())
+
+    def branch(size):
+      def run(module, h, keep, positions, gate, order, decoder_tokens):
+        take = lambda x: jnp.take_along_axis(x, order[:, :size].reshape(order.shape[0], size, *[1] * (x.ndim - 2)),
+                                             axis=1)
+        encoded, _ = module.encode_back(take(h), take(keep), take(positions), take(gate))
+        return module.decode(encoded, take(keep), take(gate), decoder_tokens)[0]
+      return run
+
+    logits = nn.switch(index, [branch(s) for s in sizes], self, h, keep, positions, gate, order, decoder_tokens)
+    return logits, jnp.asarray(sizes)[index] / h.shape[1]
+
+  def __call__(self, encoder_tokens, decoder_tokens, *, train: bool = False):
+    h, valid, positions, gate = self.encode_front(encoder_tokens, train)
+    aux = {}
+    if gate is not None:
+      aux['mrt5/deletion_rate'] = self.deleted(gate, valid).sum() / jnp.maximum(valid.sum(), 1)
+    if gate is not None and not train and self.eval_deletion == 'hard' and not self.is_initializing():
+      logits, aux['mrt5/encoder_length_fraction'] = self._hard_forward(h, valid, positions, gate, decoder_tokens)
+      return logits, aux
+    encoded, encoder_penalties = self.encode_back(h, valid, positions, gate, train)
+    logits, cross_penalties = self.decode(encoded, valid, gate, decoder_tokens, train)
+    if self.deletion == 'gate' and (train or self.is_initializing()):   # init creates the controller state
+      aux.update(self.gate_losses(gate, valid, aux['mrt5/deletion_rate'], encoder_penalties + cross_penalties))
+    return logits, aux
+
+  def gate_losses(self, gate, valid, rate, penalties) -> dict:
+    """α·mean(G) with α from the controller (updated here with this batch's rate), β·score penalty."""
+    active = self.controller_step.value >= self.regularizer_delay
+    terms = self.controller_terms.value
+    if self.controller == 'pi':
+      terms = pi_controller_update(terms, jax.lax.stop_gradient(rate), self.target_deletion, self.controller_p,
+                                   self.controller_i, self.controller_ema)
+      alpha = jnp.maximum(0.0, terms.sum())
+    else:
+      alpha = jnp.asarray(self.gate_alpha, jnp.float32)
+    alpha = jnp.where(active, alpha, 0.0)
+    if not self.is_initializing() and self.is_mutable_collection('controller'):
+      self.controller_terms.value = jnp.where(active, terms, self.controller_terms.value)
+      self.controller_step.value = self.controller_step.value + 1
+    gate_mean = (gate * valid).sum() / jnp.maximum(valid.sum(), 1)
+    return {'loss/gate': alpha * gate_mean, 'loss/score': self.score_weight * jnp.mean(jnp.stack(penalties)),
+            'mrt5/alpha': alpha, 'mrt5/gate_mean': gate_mean}
+
+  # ------------------------------------------------------------------------------------ interface
+  def decoder_length(self, seq_len: int) -> int:
+    return seq2seq.decoder_length(self.task, seq_len, self.noise_density, self.mean_span)
+
+  def example_inputs(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    return {'encoder_tokens': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
+            'decoder_tokens': jax.ShapeDtypeStruct((batch_size, self.decoder_length(seq_len)), jnp.int32)}
+
+  def forward_flops_per_token(self, seq_len: int) -> float:
+    """Per encoder position (train.seq_len of them per example), without deletion: the training cost,
+    since soft deletion saves nothing. The decoder's share is scaled by target / input length."""
+    d, mlp = self.d_model, layers.mlp_matmul_params(self.d_model, self.d_ff, 'geglu')
+    target = self.decoder_length(seq_len)
+    encoder_layer = 2 * (4 * d * d + mlp) + 4 * d * seq_len                     # bidirectional attention
+    per_target = (2 * (4 * d * d + mlp) + 2 * d * target                        # causal self-attention
+                  + 2 * 2 * d * d + 4 * d * seq_len)                            # cross: query, out, logits
+    per_input = 2 * 2 * d * d                                                   # cross: keys and values
+    decoder = self.decoder_layers * (per_target * target / seq_len + per_input)
+    gate = 2 * d if self.deletion == 'gate' else 0
+    return self.encoder_layers * encoder_layer + decoder + 2 * d * self.vocab_size * target / seq_len + gate
+
+  def generate(self, params, prompt, max_new_tokens, *, key, temperature=1.0, top_k=0, vocab_limit=None,
+               model_state=None):
+    """Greedy or sampled decoding of the target for the encoder input `prompt` (+ eos); stops after eos.
+    The prompt is encoded once; with hard deletion the kept tokens are gathered exactly (a static
+    shape per kept length). The decoder reruns over a fixed buffer each step (no decoder KV cache)."""
+    from train.config import ConfigError
+    from train.sample import pick_token
+    from train.trainer import stream_keys
+    variables = {'params': params, **(model_state or {})}
+    rngs = stream_keys(self, jax.random.fold_in(key, max_new_tokens))
+    tokens = jnp.asarray(np.append(prompt, seq2seq.EOS), jnp.int32)[None]
+    h, valid, positions, gate = self.apply(variables, tokens, method=ByT5.encode_front, rngs=rngs)
+    if gate is not None and self.eval_deletion == 'hard':
+      kept = np.flatnonzero(np.asarray(valid & ~self.deleted(gate, valid))[0])
+      if kept.size == 0:
+        raise ConfigError('hard deletion removed every token of the prompt (sample with --config.model.eval_deletion=soft)')
+      h, valid, positions, gate = (x[:, kept] for x in (h, valid, positions, gate))
+    encoded, _ = jax.jit(lambda *a: self.apply(variables, *a, method=ByT5.encode_back))(h, valid, positions, gate)
+    step = jax.jit(lambda buffer: self.apply(variables, encoded, valid, gate, buffer, method=ByT5.decode)[0][0])
+    buffer, out = np.full((1, max_new_tokens), seq2seq.PAD, np.int32), []
+    for i in range(max_new_tokens):
+      logits = step(jnp.asarray(buffer))[i][None]
+      token = int(pick_token(logits, jax.random.fold_in(key, i), temperature, top_k, vocab_limit)[0])
+      out.append(token)
+      if token == seq2seq.EOS or i + 1 == max_new_tokens:
+        break
+      buffer[0, i + 1] = token
+    return np.asarray(out, np.int32)
+
+
+@register('mrt5')
+class MrT5(ByT5):
+  """ByT5 with the learned delete gate (the paper's defaults: δ via the PI controller, β = 0.5)."""
+  deletion: str = 'gate'
