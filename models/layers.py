@@ -285,14 +285,17 @@ class Mlp(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   out_init: Initializer = default_init
+  in_init: Initializer = default_init
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    up = dense(self.hidden, ('embed', 'mlp'), use_bias=self.use_bias, dtype=self.dtype, name='up')(x)
+    up = dense(self.hidden, ('embed', 'mlp'), use_bias=self.use_bias, dtype=self.dtype, kernel_init=self.in_init,
+               name='up')(x)
     if self.kind == 'gelu':
       h = nn.gelu(up, approximate=False)
     elif self.kind in ('swiglu', 'geglu'):
-      gate = dense(self.hidden, ('embed', 'mlp'), use_bias=self.use_bias, dtype=self.dtype, name='gate')(x)
+      gate = dense(self.hidden, ('embed', 'mlp'), use_bias=self.use_bias, dtype=self.dtype, kernel_init=self.in_init,
+                   name='gate')(x)
       h = (nn.silu(gate) if self.kind == 'swiglu' else nn.gelu(gate, approximate=True)) * up
     else:
       raise ValueError(f'unknown mlp kind {self.kind!r} (gelu, swiglu or geglu)')

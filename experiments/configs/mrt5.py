@@ -1,7 +1,7 @@
 """ByT5 and MrT5 on span corruption over WikiText-2 bytes, and MrT5's vowel-removal diagnostic (the spec's §2.7).
 
   --config experiments/configs/mrt5.py:SHAPE,ROW
-    SHAPE   tiny (CPU: 6 encoder / 2 decoder layers at d=128, 4 heads; inputs of 256 bytes, batch 16)
+    SHAPE   tiny (CPU: 6 encoder / 2 decoder layers at d=128, 4 heads; inputs of 128 bytes, batch 32)
             | small (accelerator, the spec's T5-tiny: d=256, 4 heads; inputs of 1024 bytes, batch 32)
     ROW     byt5 (no deletion) | mrt5 (delete gate at layer 2, PI controller toward model.target_deletion)
             | random | fixed (deletion at model.target_deletion: the paper's RandomT5 and FixedT5)
@@ -17,7 +17,7 @@ layer 2 with k = -10, a fixed α after a delay, softmax₁ everywhere.
 from train.config import default_config
 
 SHAPES = {   # d_model, heads, d_ff, seq_len, batch, steps, lr
-    'tiny': (128, 4, 320, 256, 16, 600, 2e-3),
+    'tiny': (128, 4, 320, 128, 32, 1200, 3e-3),
     'small': (256, 4, 640, 1024, 32, 5000, 1e-3),
 }
 ROWS = ('byt5', 'mrt5', 'random', 'fixed', 'vowel_t5', 'vowel_mrt5')
