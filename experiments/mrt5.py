@@ -215,7 +215,7 @@ def main():
 def render(args, vowel_rows, span_rows, commands, hardware, date, plot_name) -> str:
   produced = ' and '.join(f'`{c}`' for c in dict.fromkeys(commands.values()))
   lines = [f'# MrT5 ({args.shape})', '', f'Produced by {produced} on {hardware}, {date}. Every run\'s own command and '
-           'commit are in the last table.', '', '## Vowel removal (strings of 64 random letters; target: the '
+           'commit are in the last table.', '', '## Vowel removal (random letter strings; target: the '
            'string without vowels)', '',
            'Sequence accuracy: every target byte right under teacher forcing (what greedy decoding reproduces). '
            'Deleted-vowel share: the share of deleted input bytes that are vowels; vowels deleted: the share of '

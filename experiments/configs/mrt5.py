@@ -5,13 +5,15 @@
             | small (accelerator, the spec's T5-tiny: d=256, 4 heads; inputs of 1024 bytes, batch 32)
     ROW     byt5 (no deletion) | mrt5 (delete gate at layer 2, PI controller toward model.target_deletion)
             | random | fixed (deletion at model.target_deletion: the paper's RandomT5 and FixedT5)
-            | vowel_t5 | vowel_mrt5 (the diagnostic: 3 + 3 layers, strings of 64 random letters)
+            | vowel_t5 | vowel_mrt5 (the diagnostic: 3 + 3 layers; tiny: strings of 24 random letters,
+              2,000 steps, the gate loss from step 1,000; small: the paper's 64 letters, 30k steps)
 
 Span corruption: noise density 0.15, mean span 20 bytes (the paper's). The deletion rows are meant to
 continue a trained byt5 run (`--config.train.init_from=DIR`), as the paper continues ByT5: AdamW at a
 constant learning rate (the paper: 1e-4, linear decay, no warm-up; ours is higher for the short runs),
 no gate-loss delay, β = 0.5 for the score regulariser. The diagnostic follows the paper's: the gate at
-layer 2 with k = -10, a fixed α after a delay, softmax₁ everywhere.
+layer 2 with k = -10, a fixed α (ours 1e-2, the paper's 1e-4 to 1e-3 over 20k steps with the gate loss)
+after a delay, softmax₁ everywhere.
 """
 
 from train.config import default_config
@@ -19,6 +21,10 @@ from train.config import default_config
 SHAPES = {   # d_model, heads, d_ff, seq_len, batch, steps, lr
     'tiny': (128, 4, 320, 128, 32, 1200, 3e-3),
     'small': (256, 4, 640, 1024, 32, 5000, 1e-3),
+}
+VOWEL_SHAPES = {   # letters per string, batch, steps (the gate loss starts half-way)
+    'tiny': (24, 64, 2000),
+    'small': (64, 128, 30000),   # the paper's diagnostic (its delay is 10k of 30k steps)
 }
 ROWS = ('byt5', 'mrt5', 'random', 'fixed', 'vowel_t5', 'vowel_mrt5')
 
@@ -37,9 +43,10 @@ def get_config(arg='tiny,byt5'):
                  warmup_steps=steps // 20, weight_decay=0.01, grad_clip=1.0, log_every=25, eval_every=steps,
                  eval_batches=20)
   if vowels:   # the corpus only seeds the random strings
+    letters, batch, steps = VOWEL_SHAPES[shape]
     c.model.update(task='vowel_removal', encoder_layers=3, decoder_layers=3, gate_scale=-10.0, controller='fixed',
-                   gate_alpha=1e-2, regularizer_delay=steps // 3)
-    c.train.update(seq_len=65, batch_size=32, steps=2 * steps)
+                   gate_alpha=1e-2, regularizer_delay=steps // 2)
+    c.train.update(seq_len=letters + 1, batch_size=batch, steps=steps, warmup_steps=steps // 20, eval_every=steps)
   c.checkpoint.every = c.train.steps
   c.wandb.mode = 'disabled'
   c.wandb.name = f'mrt5-{shape}-{row}'
