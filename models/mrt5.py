@@ -217,8 +217,11 @@ class ByT5(LanguageModel):
     self.decoder = [layer(True) for _ in range(self.decoder_layers)]
     self.encoder_norm = layers.norm('rmsnorm', dtype=dtype, epsilon=1e-6)
     self.decoder_norm = layers.norm('rmsnorm', dtype=dtype, epsilon=1e-6)
+    # Drawn as [vocab, embed] and transposed: padding the vocabulary for the tensor axis then leaves the
+    # initial values of the real ids unchanged (a 1-device and a sharded run start alike).
+    readout_init = lambda key, shape, dtype: fan_in_init(self.d_model)(key, shape[::-1], dtype).T
     self.readout = layers.dense(self.vocab_size, ('embed', 'vocab'), use_bias=False, dtype=dtype,
-                                kernel_init=fan_in_init(self.d_model))
+                                kernel_init=readout_init)
     if self.deletion == 'gate':
       self.gate = DeleteGate(self.gate_scale, self.gate_bias_init, self.gate_kernel_init)
       # The controller's state: steps seen (for the delay), the EMA'd proportional term, the integral.

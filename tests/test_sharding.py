@@ -10,7 +10,7 @@ from train import sharding, trainer
 
 EIGHT_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 MESH = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
-MODELS = ['transformer', 'grassmann', 'tokenformer', 'lexinvariant', 'mor', 'landmark', 'hat']
+MODELS = ['transformer', 'grassmann', 'tokenformer', 'lexinvariant', 'mor', 'landmark', 'hat', 'mrt5']
 
 
 @pytest.fixture(scope='module')
@@ -67,6 +67,10 @@ def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path, specs):
       'hat': {"['byte_embed']['embedding']": P('tensor', 'fsdp'), "['word_up']['kernel']": P('fsdp', 'tensor'),
               "['backbone']['block_0']['attention']['query']['kernel']": P('fsdp', 'tensor', None),
               "['decoder']['block_0']['mlp']['down']['kernel']": P('tensor', 'fsdp')},
+      'mrt5': {**embed, "['encoder_0']['self_attention']['query']['kernel']": P('fsdp', 'tensor', None),
+               "['decoder_1']['cross_attention']['out']['kernel']": P('tensor', None, 'fsdp'),
+               "['decoder_0']['mlp']['down']['kernel']": P('tensor', 'fsdp'), "['gate']['kernel']": P('fsdp', None),
+               "['readout']['kernel']": P('fsdp', 'tensor')},
   }[model]
   assert {k: specs[k] for k in expected} == {k: str(v) for k, v in expected.items()}
   unsharded_matrices = [k for k, s in specs.items() if k.endswith(("['kernel']", "['keys']", "['values']"))
