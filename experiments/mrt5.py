@@ -90,6 +90,24 @@ def vowel_report(workdir: str, eval_batches: int) -> dict:
   return out
 
 
+def encoder_reliance(workdir: str, eval_batches: int) -> float:
+  """How much the model reads its encoder: the validation loss (nats per target byte, with the run's
+  deletion) when each row's encoder input is swapped with the next row's, minus the loss as it is."""
+  import jax
+  from train import trainer
+  setup, state = load(workdir)
+  variables = {'params': state['params'], **state['model_state']}
+  rngs = {'dropout': jax.random.key(0), 'deletion': jax.random.key(0)}
+  forward = jax.jit(lambda e, d: setup.model.apply(variables, e, d, rngs=rngs)[0])
+  losses, weight = np.zeros(2), 0.0
+  for batch in setup.dataset.eval_batches('valid', eval_batches):
+    for i, encoder in enumerate((batch['encoder_tokens'], np.roll(batch['encoder_tokens'], 1, axis=0))):
+      nll = trainer.token_nll(forward(encoder, batch['decoder_tokens']), batch['targets'], setup.vocab_limit)
+      losses[i] += float((nll * batch['weights']).sum())
+    weight += float(batch['weights'].sum())
+  return float(losses[1] - losses[0]) / weight
+
+
 def runtimes(workdir: str, eval_batches: int) -> dict:
   """Median seconds per validation batch: the evaluation forward pass, and the encoder alone."""
   import jax
@@ -162,7 +180,9 @@ def main():
   parser.add_argument('--continue_steps', type=int, default=200)
   parser.add_argument('--continue_lr', type=float, default=5e-4)
   parser.add_argument('--eval_batches', type=int, default=20)
-  parser.add_argument('--parts', default='vowel,span', help='vowel and/or span (results keep the other part)')
+  parser.add_argument('--parts', default='vowel,span',
+                      help='vowel, span and/or reliance (only the encoder reliance of the span rows); results keep '
+                           'the other parts')
   parser.add_argument('--runs', default='runs')
   parser.add_argument('--results', default='results')
   args = parser.parse_args()
@@ -199,6 +219,8 @@ def main():
                       'encoder_length': valid.get('mrt5/encoder_length_fraction', 1.0), 'workdir': workdir})
   for r in span_rows if 'span' in parts else ():   # timed one after another, with no training running
     r.update(runtimes(r['workdir'], args.eval_batches))
+  for r in span_rows if {'span', 'reliance'} & set(parts) else ():
+    r['encoder_reliance'] = encoder_reliance(r['workdir'], args.eval_batches)
 
   os.makedirs(args.results, exist_ok=True)
   commands = {**previous.get('commands', {}), **{part: command for part in parts}}
@@ -237,13 +259,17 @@ def render(args, vowel_rows, span_rows, commands, hardware, date, plot_name) -> 
             f'{args.continue_steps} steps at a constant learning rate {args.continue_lr} (byt5: no deletion, '
             'the reference). Bits per byte are bits per target byte (sentinels and eos included, as MrT5 '
             f'reports them), over the first {args.eval_batches} batches of each split. Deletion rate: hard, on '
-            'valid. Encoder length: the bucketed length hard deletion runs the later encoder layers at. Runtimes: '
-            'median seconds per validation batch, relative to the continued ByT5.', '']
+            'valid. Encoder reliance: the validation loss with each row\'s encoder input swapped with another '
+            'row\'s, minus the loss as it is (how much the model reads its encoder at all). Encoder length: the '
+            'bucketed length hard deletion runs the later encoder layers at. Runtimes: median seconds per '
+            'validation batch, relative to the continued ByT5.', '']
   header = ['row', 'target δ', 'deletion rate', 'valid bpb (hard)', 'valid bpb (soft)', 'test bpb (hard)',
-            'encoder length', 'encoder time', 'encoder time vs ByT5', 'forward time vs ByT5']
+            'encoder reliance (nats)', 'encoder length', 'encoder time (s)', 'encoder time vs ByT5',
+            'forward time vs ByT5']
   lines += runner.table(header, [[r['row'], r.get('target'), r['deletion_rate'], r['valid_bpb'], r['valid_bpb_soft'],
-                                  r['test_bpb'], r['encoder_length'], r['encoder_s'], r['encoder_s'] / base['encoder_s'],
-                                  r['forward_s'] / base['forward_s']] for r in span_rows])
+                                  r['test_bpb'], r.get('encoder_reliance'), r['encoder_length'], r['encoder_s'],
+                                  r['encoder_s'] / base['encoder_s'], r['forward_s'] / base['forward_s']]
+                                 for r in span_rows])
   lines += ['', f'![bits per byte and encoder time against deletion rate]({plot_name})', '', '## Runs', '',
             '| row | command | commit | params | steps | train time (s) |', '|---|---|---|---|---|---|']
   for r in vowel_rows + span_rows:
