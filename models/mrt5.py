@@ -4,8 +4,9 @@ arXiv 2410.20771; spec: ../shared/specs/hat-mrt5-landmark-lexinvariant.md sectio
 The base model is T5.1.1 at byte level: pre-RMSNorm layers without biases, a T5 relative position bias
 per stack (bidirectional in the encoder, causal in the decoder, shared by the stack's layers), gated-GELU
 feed-forward, untied readout, T5's initialisation (`fan_in_init`; logits are scaled by 1/sqrt(head
-width) instead of T5's folding that into the query init), and softmax₁ (`softmax1`: an implicit extra zero logit, the paper's
-attention for ByT5 and MrT5 alike). Batches come from `train.seq2seq` (span corruption, vowel removal).
+width) instead of T5's folding that into the query init), and softmax₁ (`softmax1`: an implicit extra
+zero logit, the paper's attention for ByT5 and MrT5 alike). Batches come from `train.seq2seq` (span
+corruption, vowel removal).
 
 Deletion (`deletion`) acts at the start of encoder layer `gate_layer`:
   gate    G = k·σ(-(w·RMSNorm(h) + b)), k = `gate_scale` = -30, b initialised to 1 and w to zero
@@ -374,7 +375,8 @@ class ByT5(LanguageModel):
     if gate is not None and self.eval_deletion == 'hard':
       kept = np.flatnonzero(np.asarray(valid & ~self.deleted(gate, valid))[0])
       if kept.size == 0:
-        raise ConfigError('hard deletion removed every token of the prompt (sample with --config.model.eval_deletion=soft)')
+        raise ConfigError('hard deletion removed every token of the prompt '
+                          '(sample with --config.model.eval_deletion=soft)')
       h, valid, positions, gate = (x[:, kept] for x in (h, valid, positions, gate))
     encoded, _ = jax.jit(lambda *a: self.apply(variables, *a, method=ByT5.encode_back))(h, valid, positions, gate)
     step = jax.jit(lambda buffer: self.apply(variables, encoded, valid, gate, buffer, method=ByT5.decode)[0][0])

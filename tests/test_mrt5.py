@@ -46,8 +46,8 @@ def init(model, gate_kernel_scale=0.0, bias_table_scale=1.0):
   variables = jax.jit(lambda: nn.meta.unbox(model.init(keys, **batch)))()
   params = dict(variables['params'])
   if 'gate' in params:
-    kernel = params['gate']['kernel']
-    params['gate'] = {**params['gate'], 'kernel': gate_kernel_scale * jax.random.normal(jax.random.key(3), kernel.shape)}
+    kernel = gate_kernel_scale * jax.random.normal(jax.random.key(3), params['gate']['kernel'].shape)
+    params['gate'] = {**params['gate'], 'kernel': kernel}
   for name in ('encoder_bias', 'decoder_bias'):
     params[name] = {'table': params[name]['table'] * bias_table_scale}
   return {**variables, 'params': params}
@@ -113,11 +113,10 @@ def test_gate_range_and_initial_keep():
   assert 0.1 < float((gate[valid] < model.gate_scale / 2).mean()) < 0.9
 
 
-@pytest.mark.parametrize('deletion', ['gate', 'fixed', 'random'])
-def test_hard_deletion_equals_soft_deletion_in_the_limit(deletion):
+def test_hard_deletion_equals_soft_deletion_in_the_limit():
   """With every gate at exactly 0 or k, dropping the deleted tokens (shorter tensors) gives the logits of
-  adding k to their attention logits."""
-  model = build(deletion)
+  adding k to their attention logits. (Random and fixed deletion only set G to 0 or k, then share this path.)"""
+  model = build()
   variables = init(model, gate_kernel_scale=1e3)   # saturates the sigmoid: G is 0 or k
   batch = text_batch(model, pad_row_to=20)
   hard, aux = forward(model, variables, batch)

@@ -3,9 +3,9 @@
 
 Prints one JSON line: loss (nats per token), perplexity, bits per byte (total NLL over the split's
 UTF-8 bytes: comparable across tokenizers), accuracy, the number of scored tokens and the model's own
-metrics (e.g. MrT5's deletion rate). `--draws K` averages over K
-keys of the model's RNG streams (lexinvariant's random embedding tables) and adds `loss_std` across
-them; `--per_position` adds `nll_by_position`, the mean NLL at each position of the context window.
+metrics (e.g. MrT5's deletion rate). `--draws K` averages over K keys of the model's RNG streams
+(lexinvariant's random embedding tables) and adds `loss_std` across them; `--per_position` adds
+`nll_by_position`, the mean NLL at each position of the context window.
 """
 
 from __future__ import annotations
