@@ -53,8 +53,11 @@ def train(shape: str, row: str, workdir: str, overrides: list[str]) -> dict:
 
 
 def load(workdir: str):
-  from train import config as config_lib, restore
-  return restore.load_run(config_lib.load_workdir_config(workdir), workdir)
+  """(setup, variables, rngs) of a finished run: its latest checkpoint and fixed keys for its RNG streams."""
+  import jax
+  from train import config as config_lib, restore, trainer
+  setup, state = restore.load_run(config_lib.load_workdir_config(workdir), workdir)
+  return setup, {'params': state['params'], **state['model_state']}, trainer.stream_keys(setup.model, jax.random.key(0))
 
 
 def vowel_report(workdir: str, eval_batches: int) -> dict:
@@ -63,9 +66,7 @@ def vowel_report(workdir: str, eval_batches: int) -> dict:
   import jax.numpy as jnp
   from models.mrt5 import ByT5
   from train.seq2seq import VOWELS
-  setup, state = load(workdir)
-  variables = {'params': state['params'], **state['model_state']}
-  rngs = {'dropout': jax.random.key(0), 'deletion': jax.random.key(0)}
+  setup, variables, rngs = load(workdir)
   out = {}
   for mode in ('hard', 'soft'):
     model = setup.model.clone(eval_deletion=mode)
@@ -95,9 +96,7 @@ def encoder_reliance(workdir: str, eval_batches: int) -> float:
   deletion) when each row's encoder input is swapped with the next row's, minus the loss as it is."""
   import jax
   from train import trainer
-  setup, state = load(workdir)
-  variables = {'params': state['params'], **state['model_state']}
-  rngs = {'dropout': jax.random.key(0), 'deletion': jax.random.key(0)}
+  setup, variables, rngs = load(workdir)
   forward = jax.jit(lambda e, d: setup.model.apply(variables, e, d, rngs=rngs)[0])
   losses, weight = np.zeros(2), 0.0
   for batch in setup.dataset.eval_batches('valid', eval_batches):
@@ -112,11 +111,9 @@ def runtimes(workdir: str, eval_batches: int) -> dict:
   """Median seconds per validation batch: the evaluation forward pass, and the encoder alone."""
   import jax
   import jax.numpy as jnp
-  from models.mrt5 import ByT5, hard_bucket_sizes
-  setup, state = load(workdir)
+  from models.mrt5 import ByT5, hard_bucket_sizes, take_kept
+  setup, variables, rngs = load(workdir)
   model = setup.model
-  variables = {'params': state['params'], **state['model_state']}
-  rngs = {'dropout': jax.random.key(0), 'deletion': jax.random.key(0)}
   forward = jax.jit(lambda e, d: model.apply(variables, e, d, rngs=rngs))
   front = jax.jit(lambda e: model.apply(variables, e, method=ByT5.encode_front, rngs=rngs))
   back = jax.jit(lambda *a: model.apply(variables, *a, method=ByT5.encode_back)[0])
@@ -130,8 +127,7 @@ def runtimes(workdir: str, eval_batches: int) -> dict:
       keep = valid & ~model.deleted(gate, valid)
       size = min(s for s in hard_bucket_sizes(tokens.shape[1], model.hard_buckets) if s >= int(keep.sum(1).max()))
       order = jnp.argsort(~keep, axis=1, stable=True)[:, :size]
-      take = lambda x: jnp.take_along_axis(x, order.reshape(*order.shape, *[1] * (x.ndim - 2)), axis=1)
-      h, valid, positions, gate = take(h), take(keep), take(positions), take(gate)
+      h, valid, positions, gate = (take_kept(x, order) for x in (h, keep, positions, gate))
     jax.block_until_ready(back(h, valid, positions, gate))
     return time.perf_counter() - start
 

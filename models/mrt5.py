@@ -145,6 +145,11 @@ def pi_controller_update(terms, rate, target, k_p, k_i, ema):
   return jnp.stack([ema * terms[0] + (1 - ema) * k_p * error, terms[1] + k_i * error])
 
 
+def take_kept(x, order):
+  """x [batch, length, ...] gathered along the length at `order` [batch, kept] (the kept tokens, in order)."""
+  return jnp.take_along_axis(x, order.reshape(*order.shape, *[1] * (x.ndim - 2)), axis=1)
+
+
 def hard_bucket_sizes(length: int, buckets: int) -> list[int]:
   """The static encoder lengths hard deletion compacts to: ceil(length·i/buckets), i = 1..buckets."""
   return sorted({-(-length * i // buckets) for i in range(1, buckets + 1)})
@@ -298,8 +303,7 @@ class ByT5(LanguageModel):
 
     def branch(size):
       def run(module, h, keep, positions, gate, order, decoder_tokens):
-        take = lambda x: jnp.take_along_axis(x, order[:, :size].reshape(order.shape[0], size, *[1] * (x.ndim - 2)),
-                                             axis=1)
+        take = lambda x: take_kept(x, order[:, :size])
         encoded, _ = module.encode_back(take(h), take(keep), take(positions), take(gate))
         return module.decode(encoded, take(keep), take(gate), decoder_tokens)[0]
       return run
