@@ -93,6 +93,9 @@ def train_and_evaluate(config_path: str | None, workdir: str, overrides: list[st
     config = json.load(f)
   first = records[0]
   speeds = [r['tokens_per_sec'] for r in records if 'tokens_per_sec' in r]
+  mfus = [r['mfu'] for r in records if 'mfu' in r and r['mfu'] == r['mfu']]
+  measured_peaks = [r['peak_memory_bytes'] for r in records if 'peak_memory_bytes' in r]
+  compiled_peak = first.get('memory_argument_bytes', 0) + first.get('memory_temp_bytes', 0) or None
   t = config['train']
   train_tokens = evals['valid']['step'] * t['batch_size'] * t['seq_len']
   return {
@@ -103,6 +106,11 @@ def train_and_evaluate(config_path: str | None, workdir: str, overrides: list[st
       'valid_ppl': evals['valid']['ppl'], 'test_ppl': evals['test']['ppl'], 'valid_tokens': evals['valid']['tokens'],
       'valid_bpb': evals['valid']['bpb'], 'test_bpb': evals['test']['bpb'],
       'tokens_per_sec': statistics.median(speeds) if speeds else None, 'train_time_s': round(train_time_s(records)),
+      'mfu': statistics.median(mfus) if mfus else None, 'compile_time_s': first.get('compile_time_s'),
+      # The device's measured peak where it reports one (GPU, TPU), else XLA's estimate for the step.
+      'peak_memory_bytes': max(measured_peaks) if measured_peaks else compiled_peak,
+      'peak_memory_measured': bool(measured_peaks),
+      'model_metrics': {k: v for k, v in evals['valid'].items() if '/' in k},
       'command': ' '.join(['python -m train', *config_flag, '--workdir', workdir, *flags]),
       'commit': commit, 'hardware': hardware(), 'date': datetime.date.today().isoformat(),
   }

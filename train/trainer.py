@@ -310,7 +310,7 @@ class Trainer:
           elapsed = time.perf_counter() - window_start
           tps = window_steps * tokens_per_step / elapsed
           writer.write(done, {**values, 'tokens_per_sec': tps, 'mfu': tps * flops_per_token / peak,
-                              'step_time_s': elapsed / window_steps})
+                              'step_time_s': elapsed / window_steps, **_device_peak_memory()})
           result.update(loss=float(values['loss']), tokens_per_sec=tps)
           window_start, window_steps = time.perf_counter(), 0
 
@@ -354,6 +354,12 @@ class Trainer:
       ckpt.wait()
       ckpt.close()
       writer.close()
+
+
+def _device_peak_memory() -> dict:
+  """The most memory the first local device has held, where the backend reports it (not on CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {'peak_memory_bytes': stats['peak_bytes_in_use']} if 'peak_bytes_in_use' in stats else {}
 
 
 def _memory_stats(compiled) -> dict:
