@@ -4,12 +4,13 @@ non-embedding parameters and training FLOPs (experiments/configs/arena.py says h
   python -m experiments.arena --preset tiny|small|paper [--models a,b,c] [--corpus wikitext2|stdlib]
       [--override key=value ...]
 
-Each model trains in runs/arena-<preset>/<model> with `python -m train`, then `python -m train.evaluate`
+Each model trains in runs/arena-<preset>-<corpus>/<model> with `python -m train`, then `python -m train.evaluate`
 scores the valid and test splits (the preset's first eval batches of each; all of them at small and paper).
 Rows are kept in results/arena-<preset>.json (re-running a model replaces its row) and rendered to
-results/arena-<preset>.md with plots: bits per byte, parameters, training FLOPs, tokens/sec, MFU,
-peak memory, compile time and each row's command, commit, hardware and date. Rows not yet run are
-listed as missing with the command that produces them.
+results/arena-<preset>.md, with results/arena-<preset>-notes.md (observations, if present) and plots:
+bits per byte, parameters, training FLOPs, tokens/sec, MFU, peak memory, compile time and each row's
+command, commit, hardware and date. Rows not yet run are listed as missing with the command that
+produces them.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def cell(row: dict, column: str):
   return row.get(column)
 
 
-def render(preset: str, corpus: str, rows: list[dict], plots: list[str]) -> str:
+def render(preset: str, corpus: str, rows: list[dict], plots: list[str], notes: str = '') -> str:
   by_name = {r['name']: r for r in rows}
   done = lambda names: [by_name[n] for n in names if n in by_name]
   missing = [n for n in arena_config.ARCHITECTURES if n not in by_name]
@@ -87,6 +88,8 @@ def render(preset: str, corpus: str, rows: list[dict], plots: list[str]) -> str:
   if missing:
     lines += ['', '## Missing rows', '', *[f'- `{n}`: not run yet (`python -m experiments.arena --preset {preset} '
                                           f'--corpus {corpus} --models {n}`)' for n in missing]]
+  if notes:
+    lines += ['', '## Notes', '', notes.strip()]
   lines += ['', *[f'![{os.path.basename(p)}]({os.path.basename(p)})' for p in plots]]
   return '\n'.join(lines) + '\n'
 
@@ -144,8 +147,10 @@ def main():
     with open(table_path, 'w') as f:
       json.dump(rows, f, indent=1)
   plots = plot(rows, os.path.join(args.results, name))
+  notes_path = os.path.join(args.results, f'{name}-notes.md')   # observations written by hand, kept on re-render
+  notes = open(notes_path).read() if os.path.exists(notes_path) else ''
   with open(os.path.join(args.results, f'{name}.md'), 'w') as f:
-    f.write(render(args.preset, args.corpus, rows, plots))
+    f.write(render(args.preset, args.corpus, rows, plots, notes))
   print(open(os.path.join(args.results, f'{name}.md')).read())
 
 

@@ -103,7 +103,7 @@ def config_flags(config) -> list[str]:
     for key, value in node.items():
       if hasattr(value, 'items'):
         walk(value, f'{prefix}{key}.')
-      else:
+      elif value is not None:   # unset (model.remat: the backend decides), as in the base file
         flat.append(f'--config.{prefix}{key}={value}')
   walk(config, '')
   return ['--config', BASE_CONFIG_FILES[config.model.name], *flat]

@@ -5,12 +5,15 @@ import json
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import models
 from conftest import config_flags, run_module
 from train import sharding, trainer
 
 EIGHT_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 MESH = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
 MODELS = ['transformer', 'grassmann', 'tokenformer', 'lexinvariant', 'mor', 'landmark', 'hat', 'mrt5']
+# Registered configurations of a module trained above: the same code, other defaults.
+SAME_MODULE = {'recursive': 'mor', 'llama': 'mor', 'byt5': 'mrt5'}
 
 
 @pytest.fixture(scope='module')
@@ -20,6 +23,12 @@ def specs(tmp_path_factory):
                    env=EIGHT_DEVICES)
   assert out.returncode == 0, out.stderr
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_every_registered_model_is_covered_and_no_large_parameter_is_unsharded(specs):
+  assert set(models.names()) == set(MODELS) | set(SAME_MODULE)
+  assert set(specs['large_unsharded']) == set(models.names())   # at the arena's small shape (d=384)
+  assert {name: paths for name, paths in specs['large_unsharded'].items() if paths} == {}
 
 
 def test_mesh_shape_fills_and_rejects():
@@ -48,7 +57,7 @@ def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path, specs):
   assert sharded['eval_loss'] == pytest.approx(single['eval_loss'], rel=1e-3)
 
   # The layout the rules produce: every matrix is split over fsdp and/or tensor.
-  specs = specs[model]
+  specs = specs['tiny'][model]
   embed = {"['embed']['embedding']": P('tensor', 'fsdp')}
   expected = {
       'transformer': {**embed, "['block_0']['attention']['query']['kernel']": P('fsdp', 'tensor', None),

@@ -36,6 +36,11 @@ def default_config(model: str = 'transformer') -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = models.default_config(model)
   c.model.vocab_size = 0   # 0: taken from the tokenizer
+  # Left unset, compute precision and rematerialisation follow the backend (see `accelerator_defaults`).
+  if 'dtype' in c.model:
+    c.model.dtype = 'auto'
+  if 'remat' in c.model:
+    c.model.remat = ml_collections.FieldReference(None, field_type=bool)
   c.data = ml_collections.ConfigDict(dict(
       corpus='stdlib',     # stdlib | text | wikitext2 | documents | tfds:local | tfds:NAME
       dir='',              # directory for text/wikitext2/documents/tfds:local
@@ -93,8 +98,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(str(e)) from None
 
 
+def accelerator_defaults(model_config: ml_collections.ConfigDict, backend: str) -> None:
+  """`model.dtype='auto'` and an unset `model.remat`: bfloat16 compute and rematerialised blocks on GPU and
+  TPU, where memory bandwidth and capacity bind; float32 without remat on CPU, where bf16 is emulated."""
+  accelerator = backend != 'cpu'
+  if model_config.get('dtype') == 'auto':
+    model_config.dtype = 'bfloat16' if accelerator else 'float32'
+  if 'remat' in model_config and model_config.remat is None:
+    model_config.remat = accelerator
+
+
 def build_model(config, vocab_size: int | None = None) -> models.LanguageModel:
+  import jax
   model_config = ml_collections.ConfigDict(config.model.to_dict())
+  accelerator_defaults(model_config, jax.default_backend())
   if vocab_size is not None:
     model_config.vocab_size = vocab_size
   try:

@@ -236,6 +236,13 @@ class Trainer:
 
     return train_step
 
+  def compile_train_step(self, state, batch):
+    """The sharded train step, compiled ahead of time for these shapes; it donates the state it is given."""
+    setup = self.setup
+    return jax.jit(self._make_train_step(), in_shardings=(setup.state_shardings, sharding.batch_sharding(setup.mesh)),
+                   out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+                   donate_argnums=0).lower(state, batch).compile()
+
   def _request_stop(self, signum, frame):
     self.stop_requested.set()
 
@@ -279,12 +286,9 @@ class Trainer:
       if start >= t.steps:
         writer.note(f'already trained {start} >= train.steps={t.steps} steps; nothing to do')
         return result
-      batch_sharding = sharding.batch_sharding(setup.mesh)
       first_batch = setup.global_batch(setup.dataset.train_batch(start, setup.rows))
       compile_start = time.perf_counter()
-      train_step = jax.jit(self._make_train_step(), in_shardings=(setup.state_shardings, batch_sharding),
-                           out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
-                           donate_argnums=0).lower(state, first_batch).compile()
+      train_step = self.compile_train_step(state, first_batch)
       compile_time = time.perf_counter() - compile_start
       writer.write(start, {'compile_time_s': compile_time, **setup.param_counts,
                            'flops_per_token': flops_per_token, **_memory_stats(train_step)})

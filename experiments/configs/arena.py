@@ -82,16 +82,18 @@ def non_embedding_params(config) -> int:
 
 def match_knob(config, target: int) -> None:
   """Set the architecture's knob (a positive integer) to the value whose non-embedding parameter count
-  is closest to `target` (the count grows with the knob: bisection)."""
+  is closest to `target`. The count grows linearly with every knob here, so two counts give the
+  estimate; a walk to the nearest integer optimum makes it exact for any increasing count."""
   key = KNOB[config.model.name]
-  count = lambda value: (config.model.update(**{key: value}), non_embedding_params(config))[1]
-  low, high = 1, 16 * config.model.d_model
-  if count(low) >= target:
-    return config.model.update(**{key: low})
-  while high - low > 1:
-    mid = (low + high) // 2
-    low, high = (mid, high) if count(mid) <= target else (low, mid)
-  config.model.update(**{key: min((low, high), key=lambda v: abs(count(v) - target))})
+  count = functools.cache(lambda value: (config.model.update(**{key: value}), non_embedding_params(config))[1])
+  step = config.model.d_model
+  value = max(1, 1 + round((target - count(1)) * step / (count(1 + step) - count(1))))
+  miss = lambda v: abs(count(v) - target)
+  while value > 1 and miss(value - 1) <= miss(value):   # ties go to the smaller knob
+    value -= 1
+  while miss(value + 1) < miss(value):
+    value += 1
+  config.model.update(**{key: value})
 
 
 @functools.cache
