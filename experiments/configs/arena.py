@@ -31,13 +31,12 @@ PRESETS = {   # d_model, layers, heads, seq_len, batch, baseline steps, lr, eval
     'paper': (768, 12, 12, 1024, 64, 20000, 6e-4, 0),
 }
 BASELINE = 'transformer'
-LANGUAGE_MODELS = ('transformer', 'grassmann', 'tokenformer', 'mor', 'recursive', 'hat', 'landmark', 'lexinvariant')
+# llama: the baseline's block in Llama layout (RMSNorm, RoPE, SwiGLU), the recipe HAT, Landmark and MoR build on.
+LANGUAGE_MODELS = ('transformer', 'llama', 'grassmann', 'tokenformer', 'mor', 'recursive', 'hat', 'landmark',
+                   'lexinvariant')
 SPAN_CORRUPTION = ('byt5', 'mrt5')   # their own section: a different task, so a different loss
 ARCHITECTURES = LANGUAGE_MODELS + SPAN_CORRUPTION
-KNOB = {   # the width searched to match parameters
-    'transformer': 'd_ff', 'grassmann': 'd_ff', 'tokenformer': 'n_ffn', 'mor': 'd_ff', 'recursive': 'd_ff',
-    'hat': 'd_ff', 'landmark': 'd_ff', 'lexinvariant': 'd_ff', 'byt5': 'd_ff', 'mrt5': 'd_ff',
-}
+KNOB = {name: 'd_ff' for name in ARCHITECTURES} | {'tokenformer': 'n_ffn'}   # the width set to match parameters
 
 
 def shaped(name: str, d: int, depth: int, heads: int, seq_len: int) -> ml_collections.ConfigDict:
@@ -53,6 +52,8 @@ def shaped(name: str, d: int, depth: int, heads: int, seq_len: int) -> ml_collec
     m.rank = d // 8
   elif name == 'tokenformer':
     m.update(num_layers=depth, n_attn=d, n_ffn=4 * d)
+  elif name == 'llama':
+    m.update(num_layers=depth, d_ff=8 * d // 3)
   elif name in ('mor', 'recursive'):   # Middle-Cycle: unique first and last layers, `depth` unique blocks
     m.update(num_layers=2 + (depth - 2) * 3, num_recursions=3, d_ff=8 * d // 3)
   elif name == 'hat':   # byte modules at half width, 1 layer (tiny) or 2; the word backbone at `depth`
