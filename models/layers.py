@@ -10,6 +10,8 @@ Architectures add their own names (e.g. TokenFormer's `ptokens`), each with a ru
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -32,6 +34,21 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general`; on CPU, a dense layer's dot (trailing lhs axes against leading rhs axes) as one
+  [tokens, in] x [in, out] matmul. XLA:CPU runs the backward of a dot over [batch, length, ...] inputs or
+  [in, heads, head_dim] kernels up to 3x slower (experiments.bench); accelerators get the plain dot."""
+  (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+  free = lhs.ndim - len(lhs_contract)
+  dot = functools.partial(jax.lax.dot_general, precision=precision, preferred_element_type=preferred_element_type)
+  if (jax.default_backend() != 'cpu' or lhs_batch or tuple(lhs_contract) != tuple(range(free, lhs.ndim))
+      or tuple(rhs_contract) != tuple(range(len(rhs_contract)))):
+    return dot(lhs, rhs, dimension_numbers)
+  inner = math.prod(lhs.shape[free:])
+  out = dot(lhs.reshape(-1, inner), rhs.reshape(inner, -1), (((1,), (0,)), ((), ())))
+  return out.reshape(*lhs.shape[:free], *rhs.shape[len(rhs_contract):])
+
+
 def dense(features: int | Sequence[int], axes: Sequence[str | None], *, axis: int | Sequence[int] = -1,
           use_bias: bool = True, dtype: Dtype = jnp.float32, kernel_init: Initializer = default_init,
           name: str | None = None) -> nn.DenseGeneral:
@@ -40,7 +57,7 @@ def dense(features: int | Sequence[int], axes: Sequence[str | None], *, axis: in
   return nn.DenseGeneral(
       features=features, axis=axis, use_bias=use_bias, dtype=dtype,
       kernel_init=logical(kernel_init, axes),
-      bias_init=logical(nn.initializers.zeros_init(), axes[n_in:]),
+      bias_init=logical(nn.initializers.zeros_init(), axes[n_in:]), dot_general=token_dot_general,
       name=name)
 
 
@@ -183,9 +200,23 @@ def reference_attention(q, k, v, mask=None, bias=None):
   return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
 
 
-def dot_product_attention(q, k, v, mask=None, bias=None):
-  """Fused attention (cuDNN flash attention on GPU where shapes allow, XLA elsewhere)."""
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+def dot_product_attention(q, k, v, mask=None, bias=None, is_causal: bool = False):
+  """Attention over [b, q|k, h, d]: on GPU and TPU the fused `jax.nn.dot_product_attention` (cuDNN flash
+  attention where shapes allow; `is_causal` masks by index inside the kernel, so no [q, k] mask is
+  built). On CPU, two einsums and a softmax: XLA's generic fused path runs the training step 2.5x
+  slower there (experiments.bench). A query with every key masked averages the values, as the fused
+  kernels do."""
+  if jax.default_backend() != 'cpu':
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
+  if is_causal:
+    causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+    mask = causal if mask is None else mask & causal
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    scores = scores + bias
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
 
 
 class Attention(nn.Module):
@@ -196,6 +227,8 @@ class Attention(nn.Module):
   then one token at a time; the mask is then built from positions (causal). `kv_valid` [batch, kv]
   marks keys that may be attended at all (kept with the cache when decoding); `cache_slot` suffixes the
   cache names, so that one layer applied several times (shared recursive layers) keeps a cache per use.
+  `causal`: without a mask, query i attends keys 0..i by index (the fused kernel's causal mode; the
+  positions must be the indices, as in a plain decoder); decoding still masks by cache position.
   """
   num_heads: int
   head_dim: int
@@ -207,6 +240,7 @@ class Attention(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   out_init: Initializer = default_init
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x, kv_inputs=None, *, mask=None, bias=None, positions=None, kv_positions=None,
@@ -225,6 +259,9 @@ class Attention(nn.Module):
     elif kv_positions is None:
       kv_positions = positions if kv_inputs is x else jnp.broadcast_to(
           jnp.arange(kv_inputs.shape[1]), kv_inputs.shape[:2])
+    is_causal = self.causal and not decode
+    if is_causal and (mask is not None or kv_valid is not None):
+      raise ValueError('causal attention takes no other mask')
     if kv_valid is not None:
       valid = kv_valid[:, None, None, :]
       mask = valid if mask is None else mask & valid
@@ -236,7 +273,7 @@ class Attention(nn.Module):
       k = jnp.repeat(k, self.num_heads // kv_heads, axis=2)
       v = jnp.repeat(v, self.num_heads // kv_heads, axis=2)
     q = constrain(q, ('batch', 'length', 'act_heads', None))
-    out = dot_product_attention(q, k, v, mask=mask, bias=bias)
+    out = dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal)
     out = nn.Dropout(self.dropout)(out, deterministic=not train)
     return constrain(self.project_out(out, x.shape[-1]), ('batch', 'length', 'act_embed'))
 

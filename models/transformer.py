@@ -33,6 +33,7 @@ class Block(nn.Module):
   dtype: layers.Dtype
   out_init: layers.Initializer
   num_kv_heads: int | None = None   # grouped-query attention
+  causal: bool = False              # mask=None attends causally by index (layers.Attention.causal)
 
   @nn.compact
   def __call__(self, x, mask, positions, decode, train, bias=None, kv_inputs=None, **attention_kwargs):
@@ -41,7 +42,7 @@ class Block(nn.Module):
     attention = layers.Attention(
         num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, num_kv_heads=self.num_kv_heads,
         use_rope=self.use_rope, use_bias=self.use_bias, dropout=self.dropout, dtype=self.dtype,
-        out_init=self.out_init, name='attention')
+        out_init=self.out_init, causal=self.causal, name='attention')
     mlp = layers.Mlp(hidden=self.d_ff, kind=self.mlp, use_bias=self.use_bias, dropout=self.dropout,
                      dtype=self.dtype, out_init=self.out_init, name='mlp')
     norm1 = layers.norm(self.norm, dtype=self.dtype, use_bias=self.use_bias, name='norm1')
@@ -96,14 +97,13 @@ class Transformer(LanguageModel):
     if self.positions == 'learned':
       x = x + layers.LearnedPositions(self.max_len, self.d_model, dtype=dtype, name='pos_embed')(positions)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    mask = None if decode else layers.causal_mask(positions, positions)
     # GPT-2 scales the residual output projections by 1/sqrt(2 * layers).
     out_init = nn.initializers.normal(0.02 / math.sqrt(2 * self.num_layers))
     block_cls = nn.remat(Block, static_argnums=(4, 5)) if self.remat else Block
     for i in range(self.num_layers):
       x = block_cls(self.d_model, self.num_heads, self.d_ff, self.prenorm, self.norm, self.mlp,
-                    self.positions == 'rope', self.use_bias, self.dropout, dtype, out_init,
-                    name=f'block_{i}')(x, mask, positions, decode, train)
+                    self.positions == 'rope', self.use_bias, self.dropout, dtype, out_init, causal=True,
+                    name=f'block_{i}')(x, None, positions, decode, train)
     if self.final_norm:
       x = layers.norm(self.norm, dtype=dtype, use_bias=self.use_bias, name='final_norm')(x)
     if self.tied_embeddings:

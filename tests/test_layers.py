@@ -20,6 +20,26 @@ def test_fused_attention_matches_reference_with_causal_and_padding_masks():
                              layers.reference_attention(q, k, v, mask=mask)[:, :5], atol=1e-5)
 
 
+def test_causal_attention_layer_equals_the_explicit_causal_mask():
+  x, pos = rand(0, 2, 7, 16), jnp.broadcast_to(jnp.arange(7), (2, 7))
+  explicit = layers.Attention(num_heads=2, head_dim=8, use_rope=True)
+  fused = layers.Attention(num_heads=2, head_dim=8, use_rope=True, causal=True)
+  params = explicit.init(jax.random.key(1), x, mask=layers.causal_mask(pos, pos))
+  np.testing.assert_allclose(fused.apply(params, x), explicit.apply(params, x, mask=layers.causal_mask(pos, pos)),
+                             atol=1e-5)
+  with pytest.raises(ValueError, match='no other mask'):
+    fused.apply(params, x, mask=layers.causal_mask(pos, pos))
+
+
+def test_token_dot_general_equals_the_plain_dot():
+  x, w = rand(0, 2, 5, 3, 4), rand(1, 3, 4, 6)   # [batch, length, heads, head_dim] x [heads, head_dim, out]
+  dims = (((2, 3), (0, 1)), ((), ()))
+  np.testing.assert_allclose(layers.token_dot_general(x, w, dims), jax.lax.dot_general(x, w, dims), atol=1e-5)
+  dims = (((3,), (1,)), ((), ()))   # not a dense layer's layout: the plain dot
+  np.testing.assert_allclose(layers.token_dot_general(x, rand(2, 6, 4), dims),
+                             jax.lax.dot_general(x, rand(2, 6, 4), dims), atol=1e-5)
+
+
 def test_reference_attention_is_softmax_weighted_average():
   q, k, v = rand(0, 1, 1, 1, 4), rand(1, 1, 3, 1, 4), rand(2, 1, 3, 1, 4)
   w = jax.nn.softmax(jnp.einsum('d,kd->k', q[0, 0, 0], k[0, :, 0]) / 2.0)
