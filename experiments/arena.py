@@ -67,7 +67,8 @@ def render(preset: str, corpus: str, rows: list[dict], plots: list[str], notes: 
       f'training FLOPs (steps x tokens x the model\'s analytic `flops_per_token`) equal the baseline\'s '
       f'{steps} steps x {batch * seq_len:,} tokens x {target_flops:,.0f}. Bits per byte are total NLL over the '
       f'scored UTF-8 bytes, on {evaluated}. tokens/sec and MFU are medians over logged windows (compilation '
-      'excluded; MFU against the device\'s dense peak, on CPU the measured fp32 matmul roofline); peak memory is '
+      'excluded; MFU against the device\'s dense peak, on CPU this host\'s float32 matmul rate through XLA, '
+      'measured at the start: each row\'s train.peak_flops_per_device); peak memory is '
       'the device\'s measured peak where it reports one, else XLA\'s estimate for the train step (arguments + '
       'temporaries); train_time_s is compile plus steps.', '',
       '## Language models (next byte)', '',
@@ -137,6 +138,10 @@ def main():
   if unknown:
     parser.error(f'unknown model {unknown[0]!r}: choose from {", ".join(arena_config.ARCHITECTURES)}')
   name = f'arena-{args.preset}' + ('' if args.corpus == 'wikitext2' else f'-{args.corpus}')
+  import jax
+  if jax.default_backend() == 'cpu' and not any(o.startswith('train.peak_flops_per_device=') for o in args.override):
+    from experiments.bench import host_matmul_flops   # MFU against this host's matmul rate, as in the benchmark
+    args.override.append(f'train.peak_flops_per_device={host_matmul_flops():.4g}')
   os.makedirs(args.results, exist_ok=True)
   table_path = os.path.join(args.results, f'{name}.json')
   rows = json.load(open(table_path)) if os.path.exists(table_path) else []

@@ -9,9 +9,10 @@ it builds the arena config for (model, size) at that sequence length with batch 
 seq_len, compiles the train step, runs two warm-up steps, then `repeats` timed runs of
 `steps_per_repeat` steps each, blocking on the result only at the end of a run; the step time is the
 median run over its steps. MFU = tokens/sec x the model's analytic training FLOPs per token / the
-device's dense peak (train/metrics.py; on CPU the measured fp32 matmul roofline, so CPU figures are for
-comparing architectures, not hardware). Peak memory is the device's measured peak where it reports one,
-else XLA's estimate for the step (arguments + temporaries). Writes results/<name>.csv, .md and .png.
+device's dense peak (train/metrics.py; on CPU this host's float32 matmul rate through XLA, measured at the
+start, so CPU figures are for comparing architectures, not hardware). Peak memory is the device's
+measured peak where it reports one, else XLA's estimate for the step (arguments + temporaries).
+Writes results/<name>.csv, .md and .png.
 """
 
 from __future__ import annotations
@@ -45,8 +46,23 @@ def bench_config(model: str, size: str, seq_len: int, tokens_per_step: int, cach
   return c
 
 
+def host_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+  """This host's float32 matmul FLOP/s through XLA (the best of `repeats` n x n products): the CPU peak."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(jnp.dot)
+  matmul(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
 def run_case(model: str, size: str, seq_len: int, tokens_per_step: int, repeats: int, steps_per_repeat: int,
-             cache_dir: str) -> dict:
+             cache_dir: str, peak_flops: float = 0.0) -> dict:
   """Measure one case in this process."""
   import jax
 
@@ -54,6 +70,7 @@ def run_case(model: str, size: str, seq_len: int, tokens_per_step: int, repeats:
   from train.trainer import Trainer, _device_peak_memory, _memory_stats
 
   config = bench_config(model, size, seq_len, tokens_per_step, cache_dir)
+  config.train.peak_flops_per_device = peak_flops
   with tempfile.TemporaryDirectory() as workdir:
     trainer = Trainer(config, workdir)
     setup = trainer.setup
@@ -89,7 +106,8 @@ def run_case(model: str, size: str, seq_len: int, tokens_per_step: int, repeats:
 def case_in_subprocess(args, model: str, size: str, seq_len: int, cache_dir: str) -> dict:
   cmd = [sys.executable, '-m', 'experiments.bench', '--case', f'{model},{size},{seq_len}',
          '--tokens_per_step', str(args.tokens_per_step), '--repeats', str(args.repeats),
-         '--steps_per_repeat', str(args.steps_per_repeat), '--cache_dir', cache_dir]
+         '--steps_per_repeat', str(args.steps_per_repeat), '--cache_dir', cache_dir,
+         '--peak_flops', str(args.peak_flops)]
   try:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout_s)
   except subprocess.TimeoutExpired:
@@ -100,7 +118,7 @@ def case_in_subprocess(args, model: str, size: str, seq_len: int, cache_dir: str
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def render(name: str, rows: list[dict], command: str, hardware: str, commit: str) -> str:
+def render(name: str, rows: list[dict], command: str, hardware: str, commit: str, peak_flops: float) -> str:
   from experiments import run
   header = ['model', 'size', 'seq_len', 'batch', 'non_embedding_params', 'step_time_ms', 'tokens_per_sec', 'mfu',
             'peak_memory_mb', 'compile_time_s', 'status']
@@ -115,6 +133,7 @@ def render(name: str, rows: list[dict], command: str, hardware: str, commit: str
   return '\n'.join([
       f'# {name}', '', __doc__.split('\n\n')[0].replace('\n', ' '), '',
       f'Command: `{command}`  ', f'Commit: {commit}  ', f'Hardware: {hardware}  ',
+      f'Peak for MFU: {peak_flops / 1e9:,.0f} GFLOP/s per device  ',
       f'Date: {datetime.date.today().isoformat()}', '', *run.table(header, body), '',
       f'![throughput]({name}.png)', '']) + '\n'
 
@@ -141,7 +160,8 @@ def plot(rows: list[dict], path: str) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--models', default=','.join(BENCH_MODELS))
-  parser.add_argument('--sizes', default='tiny', help=f'comma-separated arena presets ({", ".join(arena_config.PRESETS)})')
+  parser.add_argument('--sizes', default='tiny',
+                      help=f'comma-separated arena presets ({", ".join(arena_config.PRESETS)})')
   parser.add_argument('--seq_lens', default='128,512,2048,8192')
   parser.add_argument('--tokens_per_step', type=int, default=8192, help='batch = this / seq_len (at least 1)')
   parser.add_argument('--repeats', type=int, default=5)
@@ -149,13 +169,15 @@ def main():
   parser.add_argument('--case_timeout_s', type=int, default=900)
   parser.add_argument('--name', default='', help='results/<name>.{csv,md,png} (default bench-<platform>)')
   parser.add_argument('--results', default='results')
+  parser.add_argument('--peak_flops', type=float, default=0.0,
+                      help='per-device peak FLOP/s for MFU (0: the device table; on CPU, the measured matmul rate)')
   parser.add_argument('--case', help=argparse.SUPPRESS)
   parser.add_argument('--cache_dir', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.case:
     model, size, seq_len = args.case.split(',')
     print(json.dumps(run_case(model, size, int(seq_len), args.tokens_per_step, args.repeats, args.steps_per_repeat,
-                              args.cache_dir)))
+                              args.cache_dir, args.peak_flops)))
     return
   from experiments import run
   models, sizes = args.models.split(','), args.sizes.split(',')
@@ -164,6 +186,9 @@ def main():
     parser.error(f'unknown model or size {unknown[0]!r}')
   import jax
   name = args.name or f'bench-{jax.default_backend()}'
+  if not args.peak_flops:
+    from train import metrics as metrics_lib
+    args.peak_flops = host_matmul_flops() if jax.default_backend() == 'cpu' else metrics_lib.peak_flops_per_device()
   command = 'python -m experiments.bench ' + ' '.join(sys.argv[1:])
   commit, hardware = run.git_commit(), run.hardware()
   rows = []
@@ -183,7 +208,7 @@ def main():
                        'date': datetime.date.today().isoformat()})
   plot(rows, os.path.join(args.results, f'{name}.png'))
   with open(os.path.join(args.results, f'{name}.md'), 'w') as f:
-    f.write(render(name, rows, command, hardware, commit))
+    f.write(render(name, rows, command, hardware, commit, args.peak_flops))
   print(open(os.path.join(args.results, f'{name}.md')).read())
 
 
