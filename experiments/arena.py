@@ -2,9 +2,10 @@
 non-embedding parameters and training FLOPs (experiments/configs/arena.py says how they are matched).
 
   python -m experiments.arena --preset tiny|small|paper [--models a,b,c] [--corpus wikitext2|stdlib]
-      [--override key=value ...]
+      [--resume] [--override key=value ...]
 
-Each model trains in runs/arena-<preset>-<corpus>/<model> with `python -m train`, then `python -m train.evaluate`
+Each model trains afresh in runs/arena-<preset>-<corpus>/<model> with `python -m train` (--resume continues
+an interrupted run there instead, from its last checkpoint), then `python -m train.evaluate`
 scores the valid and test splits (the preset's first eval batches of each; all of them at small and paper).
 Rows are kept in results/arena-<preset>.json (re-running a model replaces its row) and rendered to
 results/arena-<preset>.md, with results/arena-<preset>-notes.md (observations, if present) and plots:
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 from experiments import run
 from experiments.configs import arena as arena_config
@@ -31,13 +33,15 @@ LM_COLUMNS = ('model', 'knob', 'non_embedding_params', 'params', 'steps', 'train
               'valid_bpb', 'test_bpb', 'tokens_per_sec', 'mfu', 'peak_memory_mb', 'compile_time_s', 'train_time_s')
 
 
-def train_row(preset: str, model: str, corpus: str, runs: str, extra: list[str]) -> dict:
+def train_row(preset: str, model: str, corpus: str, runs: str, extra: list[str], resume: bool) -> dict:
   corpus_name, corpus_dir = CORPORA[corpus]
   config_path = f'{CONFIG}:{preset},{model}'
   config = arena_config.get_config(f'{preset},{model}')
   overrides = [f'data.corpus={corpus_name}', f'data.dir={corpus_dir}', *extra]
-  row = run.train_and_evaluate(config_path, os.path.join(runs, f'arena-{preset}-{corpus}', model), overrides,
-                               name=model, max_batches=config.train.eval_batches)
+  workdir = os.path.join(runs, f'arena-{preset}-{corpus}', model)
+  if not resume and os.path.exists(workdir):   # a fresh run: its row's commit and speed are this code's
+    shutil.rmtree(workdir)
+  row = run.train_and_evaluate(config_path, workdir, overrides, name=model, max_batches=config.train.eval_batches)
   knob = arena_config.KNOB[model]
   row.update(knob=f'{knob}={config.model[knob]}', corpus=corpus)
   return row
@@ -131,6 +135,8 @@ def main():
   parser.add_argument('--runs', default='runs', help='parent of the run directories')
   parser.add_argument('--results', default='results')
   parser.add_argument('--override', nargs='*', default=[], help='key=value applied to every model (smoke runs)')
+  parser.add_argument('--resume', action='store_true',
+                      help='continue (or reuse) existing run directories instead of training afresh')
   parser.add_argument('--render', action='store_true', help='only re-render the table from its JSON')
   args = parser.parse_args()
   models = [m for m in args.models.split(',') if m]
@@ -146,7 +152,7 @@ def main():
   table_path = os.path.join(args.results, f'{name}.json')
   rows = json.load(open(table_path)) if os.path.exists(table_path) else []
   for model in ([] if args.render else models):
-    row = train_row(args.preset, model, args.corpus, args.runs, args.override)
+    row = train_row(args.preset, model, args.corpus, args.runs, args.override, args.resume)
     rows = [r for r in rows if r['name'] != model] + [row]
     rows.sort(key=lambda r: arena_config.ARCHITECTURES.index(r['name']))
     with open(table_path, 'w') as f:

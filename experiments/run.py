@@ -35,8 +35,9 @@ def git_commit() -> str:
   try:
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
                             check=True).stdout.strip()
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True,
-                           text=True).stdout.strip()
+    # Results tables are outputs, rewritten while an experiment runs: only code makes a commit dirty.
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.', ':!results'],
+                           capture_output=True, text=True).stdout.strip()
     return commit + ('-dirty' if dirty else '')
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
