@@ -139,7 +139,7 @@ def main():
   hardware = f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}'
   text = '\n'.join([
       f'# Baseline Transformer: our JAX train step against plain PyTorch ({args.size})', '',
-      __doc__.split('\n\n')[1].replace('\n', ' '), '',
+      __doc__.split('\n\n')[2].replace('\n', ' '), '',
       f'Command: `python -m experiments.torch_baseline {" ".join(sys.argv[1:])}` (JAX figures: results/{args.bench}.csv, '
       f'its own command and commit)  ', f'Commit: {run.git_commit()}  ', f'Hardware: {hardware}  ',
       f'Date: {datetime.date.today().isoformat()}', '', *run.table(header, rows), ''])
