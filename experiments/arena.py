@@ -100,7 +100,7 @@ def render(preset: str, corpus: str, rows: list[dict], plots: list[str], notes: 
 
 
 def plot(rows: list[dict], path_prefix: str) -> list[str]:
-  """Valid bits per byte against training FLOPs per model, and training loss against training FLOPs."""
+  """Valid bits per byte per language model, and their training loss against training FLOPs."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -145,7 +145,8 @@ def main():
     parser.error(f'unknown model {unknown[0]!r}: choose from {", ".join(arena_config.ARCHITECTURES)}')
   name = f'arena-{args.preset}' + ('' if args.corpus == 'wikitext2' else f'-{args.corpus}')
   import jax
-  if jax.default_backend() == 'cpu' and not any(o.startswith('train.peak_flops_per_device=') for o in args.override):
+  measure_peak = not args.render and not any(o.startswith('train.peak_flops_per_device=') for o in args.override)
+  if measure_peak and jax.default_backend() == 'cpu':
     from experiments.bench import host_matmul_flops   # MFU against this host's matmul rate, as in the benchmark
     args.override.append(f'train.peak_flops_per_device={host_matmul_flops():.4g}')
   os.makedirs(args.results, exist_ok=True)

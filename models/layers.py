@@ -203,9 +203,9 @@ def reference_attention(q, k, v, mask=None, bias=None):
 def dot_product_attention(q, k, v, mask=None, bias=None, is_causal: bool = False):
   """Attention over [b, q|k, h, d]: on GPU and TPU the fused `jax.nn.dot_product_attention` (cuDNN flash
   attention where shapes allow; `is_causal` masks by index inside the kernel, so no [q, k] mask is
-  built). On CPU, two einsums and a softmax: XLA's generic fused path runs the training step 2.5x
-  slower there (experiments.bench). A query with every key masked averages the values, as the fused
-  kernels do."""
+  built). On CPU, two einsums and a softmax: XLA:CPU ran the fused path's forward and backward 2.5x
+  slower at 2,048 tokens (results/bench-cpu-before.md). A query with every key masked averages the
+  values, as the fused kernels do."""
   if jax.default_backend() != 'cpu':
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
   if is_causal:

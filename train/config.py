@@ -13,6 +13,7 @@ import re
 import sys
 from typing import Callable, Sequence
 
+import jax
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
@@ -109,7 +110,6 @@ def accelerator_defaults(model_config: ml_collections.ConfigDict, backend: str) 
 
 
 def build_model(config, vocab_size: int | None = None) -> models.LanguageModel:
-  import jax
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   accelerator_defaults(model_config, jax.default_backend())
   if vocab_size is not None:
