@@ -32,14 +32,11 @@ from experiments.configs import arena as arena_config
 
 FIELDS = ('model', 'size', 'seq_len', 'batch', 'non_embedding_params', 'step_time_s', 'tokens_per_sec', 'mfu',
           'peak_memory_mb', 'memory_measured', 'compile_time_s', 'flops_per_token', 'status')
-BENCH_MODELS = arena_config.ARCHITECTURES
 
 
 def bench_config(model: str, size: str, seq_len: int, tokens_per_step: int, cache_dir: str):
   """The arena's parameter-matched config for `model` at `size`, with the benchmark's sequence length."""
-  d, depth, heads, *_ = arena_config.PRESETS[size]
-  c = arena_config.shaped(model, d, depth, heads, seq_len)
-  arena_config.match_knob(c, arena_config.baseline(size)[0])
+  c = arena_config.matched(size, model, seq_len)
   c.data.update(corpus='stdlib', tokenizer='byte', cache_dir=cache_dir)
   c.train.update(batch_size=max(1, tokens_per_step // seq_len), seq_len=seq_len, steps=10**6, warmup_steps=10)
   c.wandb.mode = 'disabled'
@@ -67,7 +64,7 @@ def run_case(model: str, size: str, seq_len: int, tokens_per_step: int, repeats:
   import jax
 
   from train import metrics as metrics_lib
-  from train.trainer import Trainer, _device_peak_memory, _memory_stats
+  from train.trainer import Trainer
 
   config = bench_config(model, size, seq_len, tokens_per_step, cache_dir)
   config.train.peak_flops_per_device = peak_flops
@@ -93,13 +90,11 @@ def run_case(model: str, size: str, seq_len: int, tokens_per_step: int, repeats:
     tokens = config.train.batch_size * seq_len
     flops_per_token = setup.model.flops_per_token(seq_len)
     peak_flops = metrics_lib.peak_flops_per_device(config.train.peak_flops_per_device) * jax.device_count()
-    measured = _device_peak_memory().get('peak_memory_bytes')
-    estimate = _memory_stats(step)
-    peak = measured or (estimate.get('memory_argument_bytes', 0) + estimate.get('memory_temp_bytes', 0))
+    peak, measured = metrics_lib.peak_memory(metrics_lib.device_peak_memory(), metrics_lib.step_memory(step))
     return {'model': model, 'size': size, 'seq_len': seq_len, 'batch': config.train.batch_size,
             'non_embedding_params': setup.param_counts['non_embedding_params'], 'step_time_s': step_time,
             'tokens_per_sec': tokens / step_time, 'mfu': tokens / step_time * flops_per_token / peak_flops,
-            'peak_memory_mb': peak / 2**20, 'memory_measured': measured is not None,
+            'peak_memory_mb': peak / 2**20, 'memory_measured': measured,
             'compile_time_s': compile_time, 'flops_per_token': flops_per_token, 'status': 'ok'}
 
 
@@ -159,7 +154,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--models', default=','.join(BENCH_MODELS))
+  parser.add_argument('--models', default=','.join(arena_config.ARCHITECTURES))
   parser.add_argument('--sizes', default='tiny',
                       help=f'comma-separated arena presets ({", ".join(arena_config.PRESETS)})')
   parser.add_argument('--seq_lens', default='128,512,2048,8192')
@@ -181,7 +176,7 @@ def main():
     return
   from experiments import run
   models, sizes = args.models.split(','), args.sizes.split(',')
-  unknown = sorted(set(models) - set(BENCH_MODELS)) + sorted(set(sizes) - set(arena_config.PRESETS))
+  unknown = sorted(set(models) - set(arena_config.ARCHITECTURES)) + sorted(set(sizes) - set(arena_config.PRESETS))
   if unknown:
     parser.error(f'unknown model or size {unknown[0]!r}')
   import jax

@@ -104,15 +104,15 @@ def memory_mb(workdir: str, length: int, overrides: dict) -> float:
   import jax
   import jax.numpy as jnp
   from train import config as config_lib
-  from train.trainer import _memory_stats
+  from train import metrics
   config = config_lib.load_workdir_config(workdir)
   config.model.update(overrides)
   model = config_lib.build_model(config, vocab_size=257)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
   compiled = jax.jit(lambda p, t: model.apply({'params': p}, t)[0]).lower(
       params, jax.ShapeDtypeStruct((1, length), jnp.int32)).compile()
-  stats = _memory_stats(compiled)
-  return (stats['memory_temp_bytes'] + stats['memory_argument_bytes']) / 2 ** 20 if stats else float('nan')
+  estimate, _ = metrics.peak_memory(None, metrics.step_memory(compiled))
+  return estimate / 2 ** 20 if estimate else float('nan')
 
 
 def plot(result: dict, path: str) -> None:

@@ -38,9 +38,8 @@ def train_row(shape: str, row: str, args) -> dict:
   name = row.replace(',', '-')
   workdir = os.path.join(args.runs, f'mor-{shape}', name)
   result = runner.train_and_evaluate(f'{CONFIG}:{shape},{row}', workdir, [], name=name, max_batches=args.eval_batches)
-  first = runner.read_metrics(workdir)[0]
   result['budget'] = row.split(',')[1]
-  result['peak_memory_mb'] = (first['memory_temp_bytes'] + first['memory_argument_bytes']) / 2 ** 20
+  result['peak_memory_mb'] = result['peak_memory_bytes'] / 2 ** 20
   result['router'] = router_stats(workdir)
   if result['router'].get('utilisation_r2') is not None:   # expert-choice: evaluate as in training, too
     out = runner.run([sys.executable, '-m', 'train.evaluate', '--workdir', workdir, '--split', 'valid',
@@ -65,8 +64,8 @@ def render(shape: str, rows: list[dict]) -> str:
            'counted: linear x c_r, attention x c_r²); `tokens` rows see vanilla\'s tokens. valid_ppl routes '
            'expert-choice with σ > 0.5 (causal, as generation does); valid_ppl_topk with the training top-k '
            '(looks at the whole window, as the paper\'s NLL). tokens_per_sec: median during the run; '
-           'bench_tokens_per_sec: the same step timed with nothing else running. peak_memory_mb: XLA\'s estimate '
-           'for the training step.', '']
+           'bench_tokens_per_sec: the same step timed with nothing else running. peak_memory_mb: the device\'s '
+           'measured peak, else (CPU) XLA\'s estimate for the training step.', '']
   lines += runner.table(['row', *COLUMNS], [[r['name'], *(r.get(c) for c in COLUMNS)] for r in rows])
   routed = [r for r in rows if r.get('router')]
   if routed:

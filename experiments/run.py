@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
 import statistics
 import subprocess
 import sys
+
+from train import metrics as metrics_lib
 
 COLUMNS = ('model', 'params', 'non_embedding_params', 'steps', 'train_tokens', 'train_flops', 'best_valid_ppl',
            'valid_ppl', 'test_ppl', 'ratio_to_first', 'valid_bpb', 'test_bpb', 'tokens_per_sec', 'train_time_s')
@@ -94,9 +97,9 @@ def train_and_evaluate(config_path: str | None, workdir: str, overrides: list[st
     config = json.load(f)
   first = records[0]
   speeds = [r['tokens_per_sec'] for r in records if 'tokens_per_sec' in r]
-  mfus = [r['mfu'] for r in records if 'mfu' in r and r['mfu'] == r['mfu']]
-  measured_peaks = [r['peak_memory_bytes'] for r in records if 'peak_memory_bytes' in r]
-  compiled_peak = first.get('memory_argument_bytes', 0) + first.get('memory_temp_bytes', 0) or None
+  mfus = [r['mfu'] for r in records if 'mfu' in r and not math.isnan(r['mfu'])]   # NaN: the device's peak is unknown
+  peak_memory, peak_measured = metrics_lib.peak_memory(
+      max((r['peak_memory_bytes'] for r in records if 'peak_memory_bytes' in r), default=None), first)
   t = config['train']
   train_tokens = evals['valid']['step'] * t['batch_size'] * t['seq_len']
   return {
@@ -108,9 +111,7 @@ def train_and_evaluate(config_path: str | None, workdir: str, overrides: list[st
       'valid_bpb': evals['valid']['bpb'], 'test_bpb': evals['test']['bpb'],
       'tokens_per_sec': statistics.median(speeds) if speeds else None, 'train_time_s': round(train_time_s(records)),
       'mfu': statistics.median(mfus) if mfus else None, 'compile_time_s': first.get('compile_time_s'),
-      # The device's measured peak where it reports one (GPU, TPU), else XLA's estimate for the step.
-      'peak_memory_bytes': max(measured_peaks) if measured_peaks else compiled_peak,
-      'peak_memory_measured': bool(measured_peaks),
+      'peak_memory_bytes': peak_memory, 'peak_memory_measured': peak_measured,
       'model_metrics': {k: v for k, v in evals['valid'].items() if '/' in k},
       'command': ' '.join(['python -m train', *config_flag, '--workdir', workdir, *flags]),
       'commit': commit, 'hardware': hardware(), 'date': datetime.date.today().isoformat(),

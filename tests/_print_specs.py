@@ -8,7 +8,7 @@ import jax
 from conftest import tiny_config
 from experiments.configs import arena
 import models
-from train import config as config_lib, sharding, trainer
+from train import sharding, trainer
 assert jax.device_count() == 8
 mesh_overrides = json.loads(sys.argv[1])
 specs = {}
@@ -21,7 +21,7 @@ d, depth, heads, seq_len, *_ = arena.PRESETS['small']
 large_unsharded = {}
 for name in models.names():
   config = arena.shaped(name, d, depth, heads, seq_len)
-  boxed = models.abstract_variables(config_lib.build_model(config, vocab_size=arena.vocab_of(config)))['params']
+  boxed = models.abstract_variables(arena.model_of(config))['params']
   shardings = sharding.logical_shardings(boxed, mesh)
   large_unsharded[name] = [
       jax.tree_util.keystr(path) for (path, leaf), shard in

@@ -9,7 +9,6 @@ import models
 from conftest import run_module
 from experiments import bench
 from experiments.configs import arena
-from train.config import build_model
 
 
 def test_every_architecture_matches_the_baselines_parameters_and_training_flops():
@@ -20,7 +19,7 @@ def test_every_architecture_matches_the_baselines_parameters_and_training_flops(
     c = arena.get_config(f'tiny,{name}')
     assert (c.model.d_model, c.train.seq_len, c.train.batch_size) == (d, seq_len, batch)
     assert arena.non_embedding_params(c) == pytest.approx(target_params, rel=0.005), name
-    flops = c.train.steps * build_model(c, vocab_size=arena.vocab_of(c)).flops_per_token(seq_len)
+    flops = c.train.steps * arena.model_of(c).flops_per_token(seq_len)
     assert flops == pytest.approx(steps * target_flops_per_token, rel=0.5 / c.train.steps), name
   assert arena.get_config('tiny,mor').train.steps < steps < arena.get_config('tiny,hat').train.steps
 

@@ -32,6 +32,28 @@ def peak_flops_per_device(override: float = 0.0) -> float:
   return float('nan')
 
 
+def device_peak_memory() -> int | None:
+  """The most memory the first local device has held, where the backend reports it (not on CPU)."""
+  return (jax.local_devices()[0].memory_stats() or {}).get('peak_bytes_in_use')
+
+
+def step_memory(compiled) -> dict:
+  """XLA's memory analysis of a compiled step: its temporaries and arguments, in bytes."""
+  try:
+    m = compiled.memory_analysis()
+    return {'memory_temp_bytes': int(m.temp_size_in_bytes), 'memory_argument_bytes': int(m.argument_size_in_bytes)}
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return {}
+
+
+def peak_memory(measured: int | None, step_stats: dict) -> tuple[int | None, bool]:
+  """(bytes, measured): the device's measured peak where it reports one, else XLA's estimate for the step
+  (arguments + temporaries; None without either)."""
+  if measured:
+    return measured, True
+  return (step_stats.get('memory_argument_bytes', 0) + step_stats.get('memory_temp_bytes', 0)) or None, False
+
+
 def new_wandb_run_id() -> str:
   return uuid.uuid4().hex[:12]
 

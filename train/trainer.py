@@ -291,7 +291,7 @@ class Trainer:
       train_step = self.compile_train_step(state, first_batch)
       compile_time = time.perf_counter() - compile_start
       writer.write(start, {'compile_time_s': compile_time, **setup.param_counts,
-                           'flops_per_token': flops_per_token, **_memory_stats(train_step)})
+                           'flops_per_token': flops_per_token, **metrics_lib.step_memory(train_step)})
       pending = None          # (step, device metrics) of the step before: fetched one step late
       window_start, window_steps = time.perf_counter(), 0
 
@@ -313,8 +313,10 @@ class Trainer:
         if done % t.log_every == 0 or done == t.steps:
           elapsed = time.perf_counter() - window_start
           tps = window_steps * tokens_per_step / elapsed
+          measured = metrics_lib.device_peak_memory()
           writer.write(done, {**values, 'tokens_per_sec': tps, 'mfu': tps * flops_per_token / peak,
-                              'step_time_s': elapsed / window_steps, **_device_peak_memory()})
+                              'step_time_s': elapsed / window_steps,
+                              **({'peak_memory_bytes': measured} if measured else {})})
           result.update(loss=float(values['loss']), tokens_per_sec=tps)
           window_start, window_steps = time.perf_counter(), 0
 
@@ -358,18 +360,3 @@ class Trainer:
       ckpt.wait()
       ckpt.close()
       writer.close()
-
-
-def _device_peak_memory() -> dict:
-  """The most memory the first local device has held, where the backend reports it (not on CPU)."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  return {'peak_memory_bytes': stats['peak_bytes_in_use']} if 'peak_bytes_in_use' in stats else {}
-
-
-def _memory_stats(compiled) -> dict:
-  try:
-    m = compiled.memory_analysis()
-    return {'memory_temp_bytes': int(m.temp_size_in_bytes), 'memory_argument_bytes': int(m.argument_size_in_bytes)}
-  except Exception:  # noqa: BLE001 - not every backend reports it
-    return {}
-

@@ -76,9 +76,13 @@ def vocab_of(config) -> int:
   return ByteTokenizer.vocab_size + model_class(config.model.name).extra_output_symbols
 
 
+def model_of(config):
+  return build_model(config, vocab_size=vocab_of(config))
+
+
 def non_embedding_params(config) -> int:
   from models import param_counts
-  return param_counts(build_model(config, vocab_size=vocab_of(config)))['non_embedding_params']
+  return param_counts(model_of(config))['non_embedding_params']
 
 
 def match_knob(config, target: int) -> None:
@@ -102,7 +106,15 @@ def baseline(preset: str) -> tuple[int, float]:
   """The baseline's non-embedding parameters and training FLOPs per token."""
   d, depth, heads, seq_len, *_ = PRESETS[preset]
   c = shaped(BASELINE, d, depth, heads, seq_len)
-  return non_embedding_params(c), build_model(c, vocab_size=vocab_of(c)).flops_per_token(seq_len)
+  return non_embedding_params(c), model_of(c).flops_per_token(seq_len)
+
+
+def matched(preset: str, name: str, seq_len: int | None = None) -> ml_collections.ConfigDict:
+  """`name` at the preset's shape (or another sequence length), its knob matched to the baseline's parameters."""
+  d, depth, heads, preset_len, *_ = PRESETS[preset]
+  c = shaped(name, d, depth, heads, seq_len or preset_len)
+  match_knob(c, baseline(preset)[0])
+  return c
 
 
 def get_config(arg='tiny,transformer'):
@@ -110,15 +122,13 @@ def get_config(arg='tiny,transformer'):
   if preset not in PRESETS or name not in ARCHITECTURES:
     raise ValueError(f'arena config {arg!r}: PRESET must be one of {", ".join(PRESETS)}, MODEL one of '
                      f'{", ".join(ARCHITECTURES)}')
-  d, depth, heads, seq_len, batch, base_steps, lr, eval_batches = PRESETS[preset]
-  c = shaped(name, d, depth, heads, seq_len)
-  target_params, target_flops = baseline(preset)
-  match_knob(c, target_params)
-  steps = max(1, round(base_steps * target_flops / build_model(c, vocab_size=vocab_of(c)).flops_per_token(seq_len)))
+  _, _, _, seq_len, batch, base_steps, lr, eval_batches = PRESETS[preset]
+  c = matched(preset, name)
+  steps = max(1, round(base_steps * baseline(preset)[1] / model_of(c).flops_per_token(seq_len)))
   c.data.update(corpus='wikitext2', dir='../shared/data/wikitext-2', tokenizer='byte')
-  c.train.update(steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, min_lr_ratio=0.1, warmup_steps=max(1, steps // 20),
-                 weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, log_every=max(1, steps // 20), eval_every=steps,
-                 eval_batches=eval_batches)
+  c.train.update(steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, min_lr_ratio=0.1,
+                 warmup_steps=max(1, steps // 20), weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
+                 log_every=max(1, steps // 20), eval_every=steps, eval_batches=eval_batches)
   c.checkpoint.every = steps
   c.wandb.mode = 'disabled'
   c.wandb.name = f'arena-{preset}-{name}'
