@@ -110,8 +110,7 @@ def encoder_reliance(workdir: str, eval_batches: int) -> float:
 def runtimes(workdir: str, eval_batches: int) -> dict:
   """Median seconds per validation batch: the evaluation forward pass, and the encoder alone."""
   import jax
-  import jax.numpy as jnp
-  from models.mrt5 import ByT5, hard_bucket_sizes, take_kept
+  from models.mrt5 import ByT5, take_kept
   setup, variables, rngs = load(workdir)
   model = setup.model
   forward = jax.jit(lambda e, d: model.apply(variables, e, d, rngs=rngs))
@@ -124,9 +123,8 @@ def runtimes(workdir: str, eval_batches: int) -> dict:
     start = time.perf_counter()
     h, valid, positions, gate = jax.block_until_ready(front(tokens))
     if gate is not None:
-      keep = valid & ~model.deleted(gate, valid)
-      size = min(s for s in hard_bucket_sizes(tokens.shape[1], model.hard_buckets) if s >= int(keep.sum(1).max()))
-      order = jnp.argsort(~keep, axis=1, stable=True)[:, :size]
+      keep, order, sizes, index = model.hard_plan(gate, valid)
+      order = order[:, :sizes[int(index)]]
       h, valid, positions, gate = (take_kept(x, order) for x in (h, keep, positions, gate))
     jax.block_until_ready(back(h, valid, positions, gate))
     return time.perf_counter() - start

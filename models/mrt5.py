@@ -294,12 +294,17 @@ class ByT5(LanguageModel):
   def deleted(self, gate, valid):
     return (gate < self.gate_scale / 2) & valid
 
-  def _hard_forward(self, h, valid, positions, gate, decoder_tokens):
-    """Hard deletion: the kept tokens, in order, gathered to the smallest bucket that holds them all."""
+  def hard_plan(self, gate, valid):
+    """Hard deletion's plan: the kept tokens, the gather order putting them first (in order), the bucket
+    sizes and the index of the smallest bucket that holds every row's kept tokens."""
     keep = valid & ~self.deleted(gate, valid)
     order = jnp.argsort(~keep, axis=1, stable=True)
-    sizes = hard_bucket_sizes(h.shape[1], self.hard_buckets)
-    index = jnp.searchsorted(jnp.asarray(sizes), keep.sum(1).max())
+    sizes = hard_bucket_sizes(gate.shape[1], self.hard_buckets)
+    return keep, order, sizes, jnp.searchsorted(jnp.asarray(sizes), keep.sum(1).max())
+
+  def _hard_forward(self, h, valid, positions, gate, decoder_tokens):
+    """Hard deletion: the kept tokens, in order, gathered to the smallest bucket that holds them all."""
+    keep, order, sizes, index = self.hard_plan(gate, valid)
 
     def branch(size):
       def run(module, h, keep, positions, gate, order, decoder_tokens):
