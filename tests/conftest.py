@@ -27,6 +27,8 @@ TINY_MODELS = {
                  hard_buckets=4),
 }
 TINY_MODELS['mrt5'] = TINY_MODELS['byt5']
+TINY_MODELS['llama'] = dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32)
+TINY_MODELS['recursive'] = TINY_MODELS['mor']
 
 
 def tiny_config(model='transformer', **overrides):
