@@ -147,7 +147,7 @@ def main():
   import jax
   measure_peak = not args.render and not any(o.startswith('train.peak_flops_per_device=') for o in args.override)
   if measure_peak and jax.default_backend() == 'cpu':
-    from experiments.bench import host_matmul_flops   # MFU against this host's matmul rate, as in the benchmark
+    from experiments.bench import host_matmul_flops  # MFU against this host's matmul rate, as in the benchmark
     args.override.append(f'train.peak_flops_per_device={host_matmul_flops():.4g}')
   os.makedirs(args.results, exist_ok=True)
   table_path = os.path.join(args.results, f'{name}.json')

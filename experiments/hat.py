@@ -109,8 +109,8 @@ def token_bytes(tokenizer) -> list[bytes]:
 def flat_word_accuracy(setup, state, max_batches: int, word_cap: int) -> float:
   """Share of words (HAT's splitter) whose every overlapping target token the argmax predicts."""
   import jax
-  from train import words
-  from train.trainer import mask_padded_vocab
+
+  from models.formats import mask_padded_vocab, words
   model, params = setup.model, state['params']
   predict = jax.jit(lambda tokens: mask_padded_vocab(model.apply({'params': params}, tokens)[0],
                                                      setup.vocab_limit).argmax(-1))

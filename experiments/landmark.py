@@ -68,6 +68,7 @@ def load(workdir: str, overrides: dict):
 def passkey_accuracy(workdir: str, lengths, n_prompts: int, overrides: dict, window: int | None) -> dict:
   """Share of prompts whose key the model's argmax reproduces (then stops), per length."""
   import jax
+
   from train import passkey
   setup, state = load(workdir, overrides)
   tokenizer, params = setup.dataset.tokenizer, state['params']
@@ -103,8 +104,8 @@ def memory_mb(workdir: str, length: int, overrides: dict) -> float:
   """XLA's compile-time estimate (arguments + temporaries) of one sequence's evaluation forward."""
   import jax
   import jax.numpy as jnp
-  from train import config as config_lib
-  from train import metrics
+
+  from train import config as config_lib, metrics
   config = config_lib.load_workdir_config(workdir)
   config.model.update(overrides)
   model = config_lib.build_model(config, vocab_size=257)

@@ -72,8 +72,7 @@ def load(workdir: str):
 
 
 def hidden_states(setup, params, tokens, key):
-  from train.trainer import stream_keys
-  _, state = setup.model.apply({'params': params}, tokens, rngs=stream_keys(setup.model, key),
+  _, state = setup.model.apply({'params': params}, tokens, rngs=setup.model.stream_keys(key),
                                mutable=['intermediates'])
   return state['intermediates']['hidden'][0]
 
@@ -171,13 +170,14 @@ def stage_tasks(workdirs: dict, args) -> dict:
   """Greedy accuracy per generated character, over `--task_examples` prompts of each task."""
   import jax
   import jax.numpy as jnp
-  from train.trainer import mask_padded_vocab, stream_keys
+
+  from models.formats import mask_padded_vocab
   results = {}
   for name, workdir in workdirs.items():
     setup, state = load(workdir)
     tokenizer = setup.dataset.tokenizer
     forward = jax.jit(lambda tokens, key: setup.model.apply({'params': state['params']}, tokens,
-                                                            rngs=stream_keys(setup.model, key))[0])
+                                                            rngs=setup.model.stream_keys(key))[0])
     for task in ('lookup', 'permutation'):
       hits = count = 0
       for i, (prompt, answer) in enumerate(task_prompts(task, np.random.default_rng(1), args.task_examples)):

@@ -55,17 +55,19 @@ def train(shape: str, row: str, workdir: str, overrides: list[str]) -> dict:
 def load(workdir: str):
   """(setup, variables, rngs) of a finished run: its latest checkpoint and fixed keys for its RNG streams."""
   import jax
-  from train import config as config_lib, restore, trainer
+
+  from train import config as config_lib, restore
   setup, state = restore.load_run(config_lib.load_workdir_config(workdir), workdir)
-  return setup, {'params': state['params'], **state['model_state']}, trainer.stream_keys(setup.model, jax.random.key(0))
+  return setup, {'params': state['params'], **state['model_state']}, setup.model.stream_keys(jax.random.key(0))
 
 
 def vowel_report(workdir: str, eval_batches: int) -> dict:
   """Sequence accuracy, deletion rate and the vowel share of deletions, hard and soft."""
   import jax
   import jax.numpy as jnp
+
+  from models.formats.seq2seq import VOWELS
   from models.mrt5 import ByT5
-  from train.seq2seq import VOWELS
   setup, variables, rngs = load(workdir)
   out = {}
   for mode in ('hard', 'soft'):
@@ -95,13 +97,15 @@ def encoder_reliance(workdir: str, eval_batches: int) -> float:
   """How much the model reads its encoder: the validation loss (nats per target byte, with the run's
   deletion) when each row's encoder input is swapped with the next row's, minus the loss as it is."""
   import jax
-  from train import trainer
+
+  from models import formats
+
   setup, variables, rngs = load(workdir)
   forward = jax.jit(lambda e, d: setup.model.apply(variables, e, d, rngs=rngs)[0])
   losses, weight = np.zeros(2), 0.0
   for batch in setup.dataset.eval_batches('valid', eval_batches):
     for i, encoder in enumerate((batch['encoder_tokens'], np.roll(batch['encoder_tokens'], 1, axis=0))):
-      nll = trainer.token_nll(forward(encoder, batch['decoder_tokens']), batch['targets'], setup.vocab_limit)
+      nll = formats.token_nll(forward(encoder, batch['decoder_tokens']), batch['targets'], setup.vocab_limit)
       losses[i] += float((nll * batch['weights']).sum())
     weight += float(batch['weights'].sum())
   return float(losses[1] - losses[0]) / weight
@@ -110,6 +114,7 @@ def encoder_reliance(workdir: str, eval_batches: int) -> float:
 def runtimes(workdir: str, eval_batches: int) -> dict:
   """Median seconds per validation batch: the evaluation forward pass, and the encoder alone."""
   import jax
+
   from models.mrt5 import ByT5, take_kept
   setup, variables, rngs = load(workdir)
   model = setup.model

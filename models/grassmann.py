@@ -112,6 +112,7 @@ class GrassmannBlock(nn.Module):
 @register('grassmann')
 class GrassmannLM(LanguageModel):
   """Causal Grassmann LM: token + learned position embeddings, Grassmann blocks, tied readout."""
+  cached_decoding = False
   vocab_size: int = 256
   d_model: int = 256
   num_layers: int = 6
@@ -144,7 +145,7 @@ class GrassmannLM(LanguageModel):
   @nn.compact
   def __call__(self, tokens, *, train: bool = False, decode: bool = False):
     if decode:
-      raise NotImplementedError('grassmann: cached decoding is not implemented; sample by full forward')
+      raise ValueError('grassmann has no decode cache (cached_decoding=False): generate runs full forwards')
     dtype = jnp.dtype(self.dtype)
     embed = layers.Embed(self.vocab_size, self.d_model, dtype=dtype, name='embed')
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)

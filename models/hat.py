@@ -1,6 +1,6 @@
 """Hierarchical autoregressive transformer (HAT, arXiv 2501.10322): bytes in, words inside.
 
-Inputs are word-structured batches (`train/words.py`): word_bytes [batch, words, bytes] and
+Inputs are word-structured batches (`models.formats.words.py`): word_bytes [batch, words, bytes] and
 word_lengths [batch, words] (0: a padding word, always after the real ones).
   1. Encoder: [W] then the word's bytes, bidirectional within the word (RoPE over the byte position);
      its output at [W], projected up to the backbone width, is the word embedding.
@@ -23,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import layers
+from models.formats import byte_ids, words as words_lib
 from models.registry import LanguageModel, register
+from models.sampling import pick_token
 from models.transformer import Block, decoder_flops_per_token
-from train import words as words_lib
-from train.tokenizers import ByteTokenizer
 
-END_OF_DOCUMENT = ByteTokenizer.eos_id            # [S]: 256
-END_OF_WORD = ByteTokenizer.vocab_size            # [W]: 257, the one symbol beyond the byte tokenizer
+END_OF_DOCUMENT = byte_ids.EOS             # [S]: 256
+END_OF_WORD = byte_ids.VOCAB_SIZE          # [W]: 257, the one symbol beyond the byte tokenizer
 
 
 class Stack(nn.Module):
@@ -55,9 +55,10 @@ class Stack(nn.Module):
 @register('hat')
 class HAT(LanguageModel):
   """HAT. `byte_*` size the encoder and decoder, `d_model`/`num_layers`/... the word backbone;
-  `max_words`/`max_word_bytes`/`splitter` shape the batches (see train/words.py)."""
+  `max_words`/`max_word_bytes`/`splitter` shape the batches (see models.formats.words.py)."""
   batch_format = 'words'
   extra_output_symbols = 1   # [W]
+  cached_decoding = False    # `generate` runs the word and byte loops (the backbone keeps a KV cache)
   vocab_size: int = 258
   byte_width: int = 256
   byte_heads: int = 4
@@ -160,7 +161,6 @@ class HAT(LanguageModel):
     [S] or after `max_new_tokens` bytes. The byte decoder reruns over the word so far (at most
     max_word_bytes + 1 positions) rather than keeping a cache of its own. Returns (every word, prompt's and generated, as id lists; the
     number of finished prompt words; the bytes of the forced start)."""
-    from train.sample import pick_token
     finished = [list(w) for w in words_lib.split_ids(np.asarray(prompt), END_OF_DOCUMENT, self.splitter,
                                                      self.max_word_bytes)]
     ends_document = bool(finished) and finished[-1] == [END_OF_DOCUMENT]   # then generation starts a new document

@@ -323,6 +323,10 @@ class LandmarkLM(LanguageModel):
     if not 1 <= self.topk <= self.mem_blocks:
       raise ValueError(f'model.topk={self.topk} must be in 1..model.mem_blocks={self.mem_blocks}')
 
+  @property
+  def cached_decoding(self) -> bool:   # the block memory is the decode cache; the baseline has none
+    return self.landmarks
+
   def _stack_config(self) -> dict:
     return dict(vocab_size=self.vocab_size, d_model=self.d_model, num_layers=self.num_layers,
                 num_heads=self.num_heads, landmarks=self.landmarks, d_ff=self.d_ff, block_size=self.block_size, topk=self.topk,
@@ -333,7 +337,7 @@ class LandmarkLM(LanguageModel):
   def __call__(self, tokens, *, train: bool = False, decode: bool = False):
     config = self._stack_config()
     if decode and not self.landmarks:
-      raise NotImplementedError('the baseline (landmarks=False) decodes by full forward passes')
+      raise ValueError('the baseline (landmarks=False) has no decode cache: generate runs full forwards')
     if not decode and (train or self.inference == 'full'):
       _, logits = LandmarkStack(config, name='stack')((0, None), (tokens, tokens.shape[1]))
       return logits, {}

@@ -14,9 +14,9 @@ import functools
 import math
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]

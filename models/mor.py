@@ -73,6 +73,7 @@ def take(x: jax.Array, index: jax.Array) -> jax.Array:
 
 class RecursiveLM(LanguageModel):
   """The shared decoder; the registered subclasses below set its defaults."""
+  state_collections = ('router_state',)   # the loss-free balancing bias (router=token)
   vocab_size: int = 256
   d_model: int = 256
   num_heads: int = 4

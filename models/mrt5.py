@@ -5,7 +5,7 @@ The base model is T5.1.1 at byte level: pre-RMSNorm layers without biases, a T5 
 per stack (bidirectional in the encoder, causal in the decoder, shared by the stack's layers), gated-GELU
 feed-forward, untied readout, T5's initialisation (`fan_in_init`; logits are scaled by 1/sqrt(head
 width) instead of T5's folding that into the query init), and softmax₁ (`softmax1`: an implicit extra
-zero logit, the paper's attention for ByT5 and MrT5 alike). Batches come from `train.seq2seq` (span
+zero logit, the paper's attention for ByT5 and MrT5 alike). Batches come from `models.formats.seq2seq` (span
 corruption, vowel removal).
 
 Deletion (`deletion`) acts at the start of encoder layer `gate_layer`:
@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import layers
-from models.registry import LanguageModel, register
-from train import seq2seq
+from models.formats import seq2seq
+from models.registry import InputError, LanguageModel, register
+from models.sampling import pick_token
 
 DELETIONS = ('none', 'gate', 'random', 'fixed')
 SCORE_THRESHOLD = 5.0
@@ -160,6 +161,8 @@ class ByT5(LanguageModel):
   """Byte-level T5 encoder-decoder; `mrt5` is the same model with `deletion=gate`."""
   batch_format = 'seq2seq'
   rng_streams = ('dropout', 'deletion')
+  state_collections = ('controller',)   # the PI controller (deletion=gate)
+  cached_decoding = False               # `generate` encodes once, then decodes over a buffer
   vocab_size: int = 0
   d_model: int = 256
   num_heads: int = 4
@@ -171,7 +174,7 @@ class ByT5(LanguageModel):
   softmax1: bool = True
   dropout: float = 0.0
   dtype: str = 'float32'
-  task: str = 'span_corruption'   # span_corruption | vowel_removal (train/seq2seq.py)
+  task: str = 'span_corruption'   # span_corruption | vowel_removal (models.formats.seq2seq.py)
   noise_density: float = 0.15
   mean_span: float = 20.0
   deletion: str = 'none'          # none | gate | random | fixed
@@ -374,17 +377,14 @@ class ByT5(LanguageModel):
     """Greedy or sampled decoding of the target for the encoder input `prompt` (+ eos); stops after eos.
     The prompt is encoded once; with hard deletion the kept tokens are gathered exactly (a static
     shape per kept length). The decoder reruns over a fixed buffer each step (no decoder KV cache)."""
-    from train.config import ConfigError
-    from train.sample import pick_token
-    from train.trainer import stream_keys
     variables = {'params': params, **(model_state or {})}
-    rngs = stream_keys(self, jax.random.fold_in(key, max_new_tokens))
+    rngs = self.stream_keys(jax.random.fold_in(key, max_new_tokens))
     tokens = jnp.asarray(np.append(prompt, seq2seq.EOS), jnp.int32)[None]
     h, valid, positions, gate = self.apply(variables, tokens, method=ByT5.encode_front, rngs=rngs)
     if gate is not None and self.eval_deletion == 'hard':
       kept = np.flatnonzero(np.asarray(valid & ~self.deleted(gate, valid))[0])
       if kept.size == 0:
-        raise ConfigError('hard deletion removed every token of the prompt '
+        raise InputError('hard deletion removed every token of the prompt '
                           '(sample with --config.model.eval_deletion=soft)')
       h, valid, positions, gate = (x[:, kept] for x in (h, valid, positions, gate))
     encoded, _ = jax.jit(lambda *a: self.apply(variables, *a, method=ByT5.encode_back))(h, valid, positions, gate)

@@ -1,15 +1,15 @@
-"""The model registry and the interface every architecture implements.
+"""The model registry and `LanguageModel`, the whole contract between an architecture and the training loop,
+evaluation, sampling and the benchmarks. Nothing outside it is probed: every hook is declared here, with
+its default.
 
-A model is a Linen module registered by name. The training loop only ever does
+A model is a Linen module registered by name (`@register('name')`). The loop only ever does
 
-    logits, aux = module.apply(variables, **inputs, train=..., rngs=...)
+    logits, aux = module.apply(variables, **module.inputs(batch), train=..., rngs=module.stream_keys(key))
+    score = module.score(logits, batch, vocab_limit)
 
-where `inputs` is the batch minus its `targets` and `weights` (see `train/data.py` for the batch
-formats). `aux` maps names to scalars: entries named `loss/...` are added to the training
-objective, the rest are logged as metrics. Decoder LMs take `tokens` [batch, seq] and return logits
-[batch, seq, vocab]; other formats (encoder-decoder, word-structured batches) name their own inputs.
-A model whose generation is not one token per cached step defines `generate(params, prompt,
-max_new_tokens, **sampling)` (HAT's nested word and byte loops); `train.sample` then calls it.
+`aux` maps names to scalars: entries named `loss/...` are added to the training objective, the rest are
+logged as metrics (and averaged in evaluation). Decoder LMs take `tokens` [batch, seq] and return logits
+[batch, seq, vocab]; other batch formats (`models.formats`) name their own inputs and targets.
 """
 
 from __future__ import annotations
@@ -22,8 +22,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+
+from models import formats, sampling
 
 _REGISTRY: dict[str, type['LanguageModel']] = {}
+
+
+class InputError(ValueError):
+  """An input the model cannot take (e.g. a prompt that hard deletion empties); the CLIs print it as one line."""
 
 
 def register(name: str):
@@ -67,14 +74,19 @@ def build(model_config: ml_collections.ConfigDict) -> 'LanguageModel':
 
 
 class LanguageModel(nn.Module):
-  """Base class: the hooks the data pipeline and the training loop need from an architecture."""
+  """Base class. Capabilities are class data; the methods below are the hooks, each with its default."""
   registry_name: ClassVar[str] = ''
-  # Which batch layout `train/data.py` builds for this model.
+  # The batch layout the data pipeline builds and the scoring it implies (a name in `models.formats`).
   batch_format: ClassVar[str] = 'lm'
   # Symbols the model predicts beyond the tokenizer's ids (given the ids right after them).
   extra_output_symbols: ClassVar[int] = 0
   # RNG streams the model draws from in training (evaluation passes the same names, fixed keys).
   rng_streams: ClassVar[tuple[str, ...]] = ('dropout',)
+  # Non-parameter variable collections the train step updates and checkpoints (controllers, statistics).
+  state_collections: ClassVar[tuple[str, ...]] = ()
+  # `__call__(tokens, decode=True)` keeps a KV cache in the 'cache' collection, so `generate` feeds one
+  # token per call; without it `generate` runs a full causal forward per token.
+  cached_decoding: ClassVar[bool] = True
 
   def validate(self) -> None:
     """Raise ValueError naming the config key when the shape is impossible."""
@@ -87,6 +99,31 @@ class LanguageModel(nn.Module):
   def example_inputs(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Input shapes for `init`, matching the model's batch format."""
     return {'tokens': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)}
+
+  @property
+  def format(self) -> formats.BatchFormat:
+    return formats.get(self.batch_format)
+
+  def inputs(self, batch: dict) -> dict:
+    """The keyword inputs of `__call__` taken from a batch."""
+    return self.format.model_inputs(batch)
+
+  def score(self, logits, batch: dict, vocab_limit: int) -> formats.Score:
+    """Weighted NLL, weights, right and scored units, counted bytes: the batch format's scoring."""
+    return self.format.score(logits, batch, vocab_limit)
+
+  def stream_keys(self, key) -> dict:
+    """One key per RNG stream, derived from `key`."""
+    return {name: jax.random.fold_in(key, i) for i, name in enumerate(self.rng_streams)}
+
+  def generate(self, params, prompt: np.ndarray, max_new_tokens: int, *, key, temperature: float = 1.0,
+               top_k: int = 0, vocab_limit: int | None = None, model_state: dict | None = None) -> np.ndarray:
+    """The `max_new_tokens` ids that continue `prompt` ([length] ids); temperature 0 is greedy, `top_k` 0
+    samples from every id, ids >= `vocab_limit` are never drawn. A model whose generation is not one token
+    per step (HAT's words and bytes, an encoder-decoder) overrides this."""
+    loop = sampling.generate_cached if self.cached_decoding else sampling.generate_uncached
+    return loop(self, params, prompt, max_new_tokens, key=key, temperature=temperature, top_k=top_k,
+                vocab_limit=vocab_limit, model_state=model_state)
 
   def forward_flops_per_token(self, seq_len: int) -> float:
     """Analytic forward matmul FLOPs per token (causal attention counted at half)."""
@@ -110,7 +147,7 @@ class LanguageModel(nn.Module):
 def abstract_variables(module: LanguageModel, batch_size: int = 1, seq_len: int = 8):
   """Shapes of the (boxed, logically named) variables without allocating them."""
   inputs = module.example_inputs(batch_size, seq_len)
-  rngs = {name: jax.random.key(0) for name in ('params', *module.rng_streams)}
+  rngs = {'params': jax.random.key(0), **module.stream_keys(jax.random.key(0))}
   return jax.eval_shape(lambda inputs: module.init(rngs, **inputs, train=False), inputs)
 
 

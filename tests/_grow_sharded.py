@@ -1,10 +1,14 @@
 """Train a tiny TokenFormer on a (data=2, fsdp=2, tensor=2) mesh, grow it, print layout and losses."""
-import json, sys
+import json
+import sys
+
 import jax
 import optax
 from conftest import tiny_config
+
 from train import config as config_lib, restore, trainer
 from train.grow import grow_run
+
 assert jax.device_count() == 8
 workdir = sys.argv[1]
 config = tiny_config('tokenformer', **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2, 'train.steps': 2,

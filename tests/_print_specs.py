@@ -2,18 +2,24 @@
 model names. Prints {'tiny': each named model's parameter PartitionSpecs in its tiny config,
 'large_unsharded': for every registered model at the arena's `small` shape, its parameters over 1 MB
 left unsharded}."""
-import json, math, os, sys
+import json
+import math
+import os
+import sys
+
 import flax.linen as nn
 import jax
 from conftest import tiny_config
-from experiments.configs import arena
+
 import models
-from train import sharding, trainer
+from experiments.configs import arena
+from train import setup as setup_lib, sharding
+
 assert jax.device_count() == 8
 mesh_overrides = json.loads(sys.argv[1])
 specs = {}
 for model in sys.argv[3].split(','):
-  setup = trainer.Setup(tiny_config(model, **mesh_overrides), os.path.join(sys.argv[2], model))
+  setup = setup_lib.Setup(tiny_config(model, **mesh_overrides), os.path.join(sys.argv[2], model))
   specs[model] = {jax.tree_util.keystr(path): str(s.spec) for path, s in
                   jax.tree_util.tree_leaves_with_path(setup.state_shardings['params'])}
 mesh = sharding.make_mesh(tiny_config(**mesh_overrides).mesh)

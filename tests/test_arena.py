@@ -4,9 +4,9 @@ import json
 import math
 
 import pytest
+from conftest import run_module
 
 import models
-from conftest import run_module
 from experiments import bench
 from experiments.configs import arena
 

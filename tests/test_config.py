@@ -1,5 +1,4 @@
 import pytest
-
 from conftest import run_module
 
 QUICK = ['--config', 'experiments/configs/quickstart.py', '--workdir', '/tmp/seqarch-never-created']

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from train import data
+from train import corpora, data
 
 
 def test_batches_are_a_pure_function_of_seed_and_step(make_config, tmp_path):
@@ -66,10 +66,10 @@ def test_evaluation_scores_every_token_exactly_once(tmp_path, make_config):
 
 
 def test_stdlib_corpus_splits_are_deterministic_and_disjoint():
-  files = data.corpus_files(type('C', (), {'corpus': 'stdlib', 'dir': ''})())
-  assert all(files[s] for s in data.SPLITS)
+  files = corpora.corpus_files(type('C', (), {'corpus': 'stdlib', 'dir': ''})())
+  assert all(files[s] for s in corpora.SPLITS)
   assert not set(files['train']) & set(files['valid']) and not set(files['valid']) & set(files['test'])
-  assert data.corpus_files(type('C', (), {'corpus': 'stdlib', 'dir': ''})()) == files
+  assert corpora.corpus_files(type('C', (), {'corpus': 'stdlib', 'dir': ''})()) == files
 
 
 def test_tokenized_split_is_cached_memory_mapped(make_config, tmp_path):
@@ -79,7 +79,7 @@ def test_tokenized_split_is_cached_memory_mapped(make_config, tmp_path):
 
 
 def test_missing_directory_is_a_clear_error(make_config, tmp_path):
-  with pytest.raises(data.DataError, match="data.dir='/no/such/dir' is not a directory"):
+  with pytest.raises(corpora.DataError, match="data.dir='/no/such/dir' is not a directory"):
     data.Dataset(make_config(**{'data.corpus': 'text', 'data.dir': '/no/such/dir'}), str(tmp_path))
 
 

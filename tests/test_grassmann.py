@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_causal
 
 import models
-from conftest import assert_causal
 from models import grassmann
 
 
@@ -156,8 +156,7 @@ def test_gradients_are_finite_where_positions_have_no_partner():
 
 
 def test_sampling_falls_back_to_the_full_forward():
-  from train import sample
   model, params, tokens = build()
-  generated = sample.generate(model, params, np.asarray(tokens[0, :5]), 6, key=jax.random.key(0), temperature=0)
+  generated = model.generate(params, np.asarray(tokens[0, :5]), 6, key=jax.random.key(0), temperature=0)
   logits, _ = model.apply({'params': params}, jnp.concatenate([tokens[0, :5], generated])[None])
   np.testing.assert_array_equal(generated, np.argmax(logits[0, 4:-1], axis=-1))

@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_MODELS, config_flags, run_module
 
 import models
-from conftest import TINY_MODELS, config_flags, run_module
+from models import formats
 from models.hat import END_OF_DOCUMENT, END_OF_WORD
-from train import trainer, words
+from train import words
 
 TEXTS = ['Hello, world!  It\'s 3.14\tand\n\nnext', '  leading spaces', 'über-cool 東京タワー ça va? 🙂 ok',
          'trailing space ', '', 'supercalifragilisticexpialidocious']
@@ -77,7 +78,7 @@ def test_padding_does_not_change_the_loss(hat_params):
                              word_id=END_OF_WORD, max_words=max_words, max_word_bytes=max_bytes, splitter='whitespace')
     padded = model.clone(max_words=max_words, max_word_bytes=max_bytes)
     logits, _ = padded.apply({'params': params}, batch['word_bytes'], batch['word_lengths'])
-    nll = trainer.token_nll(logits, batch['targets'], END_OF_WORD + 1) * batch['weights']
+    nll = formats.token_nll(logits, batch['targets'], END_OF_WORD + 1) * batch['weights']
     losses.append(float(nll.sum()))
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
@@ -137,7 +138,7 @@ def test_generation_reproduces_teacher_forced_argmax(trained):
   for i, w in enumerate(all_words):
     packed[0, i, :len(w)] = w
   lengths = np.asarray([[len(w) for w in all_words]], np.int32)
-  logits = trainer.mask_padded_vocab(model.clone(max_words=len(all_words)).apply({'params': params}, packed,
+  logits = formats.mask_padded_vocab(model.clone(max_words=len(all_words)).apply({'params': params}, packed,
                                                                                  lengths)[0], setup.vocab_limit)
   logits = logits.at[..., 0, END_OF_WORD].set(-jnp.inf)   # generation never ends a word before its first byte
   predicted = np.asarray(logits.argmax(-1))[0]

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_MODELS, assert_causal, run_module
 
 import models
-from conftest import TINY_MODELS, assert_causal, run_module
-from models import landmark, layers
-from train import sample, trainer
+from models import landmark, layers, sampling
+from train import trainer
 
 BLOCK = 4
 # Jitted once per shape: eager mode would compile every small op separately.
@@ -151,8 +151,8 @@ def test_cached_chunks_and_decoding_equal_the_full_forward_at_training_length():
     cached = forward(tiny_model(inference='cached', retrieval=retrieval, **kwargs), params, tokens)
     np.testing.assert_allclose(cached, full, atol=1e-5, err_msg=retrieval)
   cached_model = tiny_model(inference='cached', **kwargs)
-  step = sample.decode_step_fn(cached_model)
-  logits, cache = step(params, sample.init_cache(cached_model, 2, 24), tokens[:, :5], jax.random.key(0))
+  step = sampling.decode_step_fn(cached_model)
+  logits, cache = step(params, sampling.init_cache(cached_model, 2, 24), tokens[:, :5], jax.random.key(0))
   decoded = [logits]
   for t in range(5, 24):
     logits, cache = step(params, cache, tokens[:, t:t + 1], jax.random.key(0))
@@ -164,7 +164,7 @@ def test_memory_is_bounded_and_retrieval_limits_what_is_read():
   """The decode cache has the same size for any length; with fewer retrieved than cached blocks the
   long-range context changes (retrieval is not a no-op) while logits stay finite."""
   model = tiny_model(inference='cached', local_len=2 * BLOCK, mem_blocks=3, topk=1)
-  shapes = lambda n: [x.shape for x in jax.tree.leaves(sample.init_cache(model, 1, n))]
+  shapes = lambda n: [x.shape for x in jax.tree.leaves(sampling.init_cache(model, 1, n))]
   assert shapes(64) == shapes(4096)
   tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 40)
   params = init(model, tokens)

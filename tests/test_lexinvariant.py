@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_causal, run_module
 
 import models
-from conftest import assert_causal, run_module
-from models import layers, lexinvariant
-from train import sample, trainer
+from models import layers, lexinvariant, sampling
+from train import trainer
 
 RNGS = {'lexinvariant': jax.random.key(5)}
 
@@ -105,12 +105,12 @@ def test_relative_position_buckets_follow_t5(bidirectional):
 def test_cached_generation_equals_full_forward():
   model, params, tokens = build()
   prompt, key = np.asarray(tokens[0, :5]), jax.random.key(0)
-  generated = sample.generate(model, params, prompt, 10, key=key, temperature=0)
+  generated = model.generate(params, prompt, 10, key=key, temperature=0)
   full = np.concatenate([prompt, generated])
-  rngs = trainer.stream_keys(model, jax.random.fold_in(key, 10))   # the table the generation used
+  rngs = model.stream_keys(jax.random.fold_in(key, 10))   # the table the generation used
   logits, _ = model.apply({'params': params}, jnp.asarray(full)[None], rngs=rngs)
   np.testing.assert_array_equal(generated, np.argmax(logits[0, 4:-1], axis=-1))
-  np.testing.assert_array_equal(generated, sample.generate_uncached(model, params, prompt, 10, key=key,
+  np.testing.assert_array_equal(generated, sampling.generate_uncached(model, params, prompt, 10, key=key,
                                                                    temperature=0))
 
 

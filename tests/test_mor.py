@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_causal, config_flags, run_module
 
 import models
-from conftest import assert_causal, config_flags, run_module
-from models import mor
-from train import sample
+from models import mor, sampling
 
 VOCAB = 50
 
@@ -129,7 +128,7 @@ def test_cached_decode_equals_full_forward(name, kw):
   if name == 'mor' and kw.get('router', 'expert') == 'expert':   # the test means something: some tokens skip
     skipped = selections(model, params, tokens)[0]
     assert 0 < skipped[1:].sum() < skipped[1:].size
-  cache = sample.init_cache(model, 2, tokens.shape[1])   # as `train.sample` builds it
+  cache = sampling.init_cache(model, 2, tokens.shape[1])   # as `train.sample` builds it
   # A prompt chunk of 10, then one token per call: every position's logits equal the full pass.
   chunks = [(0, 10)] + [(t, t + 1) for t in range(10, tokens.shape[1])]
   step = jax.jit(lambda variables, chunk: model.apply(variables, chunk, decode=True, mutable=['cache']))

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import TINY_MODELS, run_module
 
 import models
-from conftest import TINY_MODELS, run_module
 from models.mrt5 import ByT5, hard_bucket_sizes, pi_controller_update
 from train import seq2seq, trainer
 
@@ -233,11 +233,10 @@ def test_decoder_is_causal_and_reads_the_encoder():
 def test_greedy_generation_equals_the_teacher_forced_argmax():
   """Generation encodes once with exact hard deletion and decodes step by step; the bucketed full forward
   over what it produced picks the same tokens."""
-  from train import sample
   model = build()
   variables = init(model, gate_kernel_scale=3.0)
   prompt = np.frombuffer(b'The tower is 324 metres tall', np.uint8).astype(np.int32)
-  out = sample.generate(model, variables['params'], prompt, model.decoder_length(SEQ), key=jax.random.key(0),
+  out = model.generate(variables['params'], prompt, model.decoder_length(SEQ), key=jax.random.key(0),
                         temperature=0, vocab_limit=257, model_state={'controller': variables['controller']})
   assert len(out) >= 1
   encoder = np.zeros((1, SEQ), np.int32)

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, config_flags
+
 from train import checkpoint, trainer
 
 

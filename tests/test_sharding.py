@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from conftest import config_flags, run_module
 from jax.sharding import PartitionSpec as P
 
 import models
-from conftest import config_flags, run_module
 from train import sharding, trainer
 
 EIGHT_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}

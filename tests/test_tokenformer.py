@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_causal, run_module
 from jax.sharding import PartitionSpec as P
 from scipy.special import erf
 
 import models
-from conftest import assert_causal, run_module
 from models import tokenformer
-from train import config as config_lib, restore, sample, trainer
+from train import config as config_lib, restore, trainer
 from train.grow import grow_run
 
 EIGHT_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
@@ -100,7 +100,7 @@ def test_rotary_fraction_changes_the_model():
 def test_cached_generation_equals_full_forward():
   model, params, tokens = build()
   prompt = np.asarray(tokens[0, :5])
-  generated = sample.generate(model, params, prompt, 10, key=jax.random.key(0), temperature=0)
+  generated = model.generate(params, prompt, 10, key=jax.random.key(0), temperature=0)
   full = np.concatenate([prompt, generated])
   logits, _ = model.apply({'params': params}, jnp.asarray(full)[None])
   np.testing.assert_array_equal(generated, np.argmax(logits[0, 4:-1], axis=-1))

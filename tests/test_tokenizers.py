@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
+
 from train import tokenizers
 
 TEXT = 'def f(x):\n    return x ** 2  # squares\n\nnaïve café — 東京 🙂\n'

@@ -8,9 +8,9 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT, config_flags, run_module
-from train import checkpoint, config as config_lib, restore, trainer
+
+from train import checkpoint, config as config_lib, restore, setup, trainer
 
 
 def train(config, workdir):
@@ -29,7 +29,7 @@ def records(workdir):
 def test_learning_rate_schedules(make_config, schedule):
   t = make_config(**{'train.steps': 100, 'train.warmup_steps': 5, 'train.lr': 1.0, 'train.min_lr_ratio': 0.1,
                      'train.schedule': schedule}).train
-  lr = trainer.make_optimizer(t)[1]
+  lr = setup.make_optimizer(t)[1]
   assert float(lr(0)) == 0 and float(lr(5)) == pytest.approx(1.0) and float(lr(100)) == pytest.approx(0.1)
   if schedule == 'wsd':   # constant until the last 20%, then linear
     assert float(lr(80)) == pytest.approx(1.0) and float(lr(90)) == pytest.approx(0.55)

@@ -3,10 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_causal
 
 import models
-from conftest import assert_causal
-from train import sample
+from models import sampling
 
 
 def build(**kw):
@@ -62,13 +62,13 @@ def test_flops_per_token_close_to_compiler_count():
 def test_cached_generation_equals_full_forward(kw):
   model, params, tokens = build(**kw)
   prompt = np.asarray(tokens[0, :5])
-  generated = sample.generate(model, params, prompt, 10, key=jax.random.key(0), temperature=0)
+  generated = model.generate(params, prompt, 10, key=jax.random.key(0), temperature=0)
   # One full forward over prompt + generated: by causality, position i's logits are those of the prefix,
   # so greedy decoding without a cache would have chosen exactly the generated tokens.
   full = np.concatenate([prompt, generated])
   logits, _ = model.apply({'params': params}, jnp.asarray(full)[None])
   np.testing.assert_array_equal(generated, np.argmax(logits[0, 4:-1], axis=-1))
-  cached_logits = sample.decode_step_fn(model)(params, sample.init_cache(model, 1, 15), jnp.asarray(full)[None],
+  cached_logits = sampling.decode_step_fn(model)(params, sampling.init_cache(model, 1, 15), jnp.asarray(full)[None],
                                                jax.random.key(0))[0]
   np.testing.assert_allclose(cached_logits[0], logits[0, -1], atol=1e-4)
 
@@ -112,6 +112,6 @@ def test_uncached_generation_agrees_with_the_cache_path():
   prompt = np.asarray(tokens[0, :4])
   for temperature in (0, 1.0):
     kwargs = dict(key=jax.random.key(3), temperature=temperature, vocab_limit=45)
-    cached = sample.generate(model, params, prompt, 8, **kwargs)
-    np.testing.assert_array_equal(cached, sample.generate_uncached(model, params, prompt, 8, **kwargs))
+    cached = model.generate(params, prompt, 8, **kwargs)
+    np.testing.assert_array_equal(cached, sampling.generate_uncached(model, params, prompt, 8, **kwargs))
     assert cached.max() < 45

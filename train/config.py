@@ -19,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import models
+from train.corpora import CORPORA, DataError
 
 
 class ConfigError(Exception):
@@ -85,7 +86,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('checkpoint.every and checkpoint.keep must be positive')
   if not 0 <= config.data.get('passkey_fraction', 0.0) < 1:
     raise ConfigError(f'data.passkey_fraction={config.data.passkey_fraction} must be in [0, 1)')
-  from train.data import CORPORA
   if config.data.corpus not in CORPORA and not config.data.corpus.startswith('tfds:'):
     raise ConfigError(f'data.corpus={config.data.corpus!r} is not one of {", ".join(CORPORA)} or tfds:NAME')
   if config.wandb.mode not in WANDB_MODES:
@@ -181,10 +181,9 @@ def cli(main: Callable[[list[str]], None]) -> Callable[[], None]:
   """Run `main(argv)`, turning user errors into one line on stderr and a non-zero exit."""
   @functools.wraps(main)
   def run():
-    from train.data import DataError
     try:
       main(sys.argv)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, models.InputError) as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
     except TrainingStopped as e:

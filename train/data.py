@@ -23,78 +23,13 @@ import json
 import os
 import pathlib
 import sysconfig
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from train import passkey, paths, seq2seq, tokenizers, words
-
-SPLITS = ('train', 'valid', 'test')
-CORPORA = ('stdlib', 'text', 'wikitext2', 'documents')
-SPLIT_FILE_NAMES = {
-    'train': ('train.txt', 'wiki.train.tokens', 'train'),
-    'valid': ('valid.txt', 'wiki.valid.tokens', 'validation.txt', 'valid'),
-    'test': ('test.txt', 'wiki.test.tokens', 'test'),
-}
-DEFAULT_DIRS = {'wikitext2': '../shared/data/wikitext-2', 'documents': '../shared/data/gutenberg'}
-
-
-class DataError(ValueError):
-  """A data problem the user must fix (missing files, empty splits)."""
-
-
-# ----------------------------------------------------------------------------------------------- corpora
-
-def split_of_index(i: int) -> str:
-  return {8: 'valid', 9: 'test'}.get(i % 10, 'train')
-
-
-def _documents_by_split(paths: list[pathlib.Path]) -> dict[str, list[pathlib.Path]]:
-  out = {s: [] for s in SPLITS}
-  for i, path in enumerate(sorted(paths)):
-    out[split_of_index(i)].append(path)
-  return out
-
-
-def stdlib_files() -> list[pathlib.Path]:
-  root = pathlib.Path(sysconfig.get_paths()['stdlib'])
-  skip = {'site-packages', 'dist-packages', 'test', 'tests', 'idle_test'}
-  return sorted(p for p in root.rglob('*.py') if not skip & set(p.relative_to(root).parts))
-
-
-def _split_files(directory: pathlib.Path) -> dict[str, pathlib.Path] | None:
-  found = {}
-  for split, candidates in SPLIT_FILE_NAMES.items():
-    for name in candidates:
-      if (directory / name).is_file():
-        found[split] = directory / name
-        break
-  return found if len(found) == 3 else None
-
-
-def _require_dir(data_config) -> pathlib.Path:
-  raw = data_config.dir or DEFAULT_DIRS.get(data_config.corpus, '')
-  directory = pathlib.Path(raw).expanduser()
-  if not raw or not directory.is_dir():
-    raise DataError(f'data.dir={raw!r} is not a directory (needed by data.corpus={data_config.corpus})')
-  return directory
-
-
-def corpus_files(data_config) -> dict[str, list[pathlib.Path]]:
-  """The files of each split for the file-based corpora."""
-  corpus = data_config.corpus
-  if corpus == 'stdlib':
-    return _documents_by_split(stdlib_files())
-  directory = _require_dir(data_config)
-  split_files = _split_files(directory)
-  if corpus in ('text', 'wikitext2', 'tfds:local') and split_files:
-    return {s: [p] for s, p in split_files.items()}
-  if corpus == 'wikitext2':
-    raise DataError(f'data.dir={str(directory)!r} lacks train/valid/test files (train.txt or wiki.train.tokens)')
-  docs = [p for p in directory.rglob('*.txt') if p.is_file()]
-  if not docs:
-    raise DataError(f'data.dir={str(directory)!r} holds no *.txt documents')
-  return _documents_by_split(docs)
+from models import formats
+from train import passkey, paths, tokenizers
+from train.corpora import DataError, corpus_files, require_dir
 
 
 def iter_documents(data_config, split: str) -> Iterator[str]:
@@ -110,8 +45,8 @@ def _tfds_documents(data_config, split: str) -> Iterator[str]:
   import tensorflow_datasets as tfds
   name = data_config.corpus.split(':', 1)[1]
   if name == 'local':
-    from train import tfds_local
-    source = tfds_local.data_source(_require_dir(data_config), data_config.tfds_dir, split)
+    from train import tfds_local  # needs tensorflow-datasets, imported only for this corpus
+    source = tfds_local.data_source(require_dir(data_config), data_config.tfds_dir, split)
   else:
     builder = tfds.builder(name, data_dir=data_config.tfds_dir or None)
     available = builder.info.splits.keys()
@@ -183,54 +118,14 @@ def tokenized_split(data_config, tokenizer: tokenizers.Tokenizer, split: str, ca
   return _load_split(path)
 
 
-# ------------------------------------------------------------------------------------------ batch formats
-
-# (windows [batch, seq + 1] token ids, valid [batch, seq + 1], the model config) -> batch
-BatchFormat = Callable[..., dict]
-BATCH_FORMATS: dict[str, BatchFormat] = {}
-
-
-def batch_format(name: str):
-  def wrap(fn):
-    BATCH_FORMATS[name] = fn
-    return fn
-  return wrap
-
-
-@batch_format('lm')
-def lm_batch(windows: np.ndarray, valid: np.ndarray, model_config=None) -> dict:
-  """Next-token prediction: windows [batch, seq + 1] -> tokens, targets, weights [batch, seq]."""
-  return {'tokens': windows[:, :-1], 'targets': windows[:, 1:],
-          'weights': (valid[:, 1:]).astype(np.float32)}
-
-
-@batch_format('words')
-def word_batch(windows: np.ndarray, valid: np.ndarray, model_config) -> dict:
-  """Word-structured bytes (HAT): the bytes an 'lm' batch predicts, windows[:, 1:], split into words
-  and packed by `train.words.pack_words` with the model's `max_words`, `max_word_bytes`, `splitter`."""
-  byte = tokenizers.ByteTokenizer
-  return words.pack_words(windows[:, 1:], valid[:, 1:], eos_id=byte.eos_id, word_id=byte.vocab_size,
-                          max_words=model_config.max_words, max_word_bytes=model_config.max_word_bytes,
-                          splitter=model_config.splitter)
-
-
-@batch_format('seq2seq')
-def seq2seq_batch(windows: np.ndarray, valid: np.ndarray, model_config) -> dict:
-  """Encoder-decoder examples (MrT5, ByT5) of the model's `task`, one per window (`train.seq2seq`)."""
-  return seq2seq.make_batch(windows, valid, task=model_config.task, noise_density=model_config.noise_density,
-                            mean_span=model_config.mean_span)
-
-
 # ------------------------------------------------------------------------------------------------ batches
 
 class SplitWindows:
   """Non-overlapping windows of seq_len + 1 tokens over one split's token stream."""
 
-  def __init__(self, stream: np.ndarray, n_bytes: int, seq_len: int, fmt: str, model_config=None):
-    if fmt not in BATCH_FORMATS:
-      raise DataError(f'batch format {fmt!r} unknown (known: {", ".join(BATCH_FORMATS)})')
+  def __init__(self, stream: np.ndarray, n_bytes: int, seq_len: int, fmt: formats.BatchFormat, model_config=None):
     self.stream, self.n_bytes, self.seq_len = stream, n_bytes, seq_len
-    self.format = functools.partial(BATCH_FORMATS[fmt], model_config=model_config)
+    self.format = functools.partial(fmt.build, model_config=model_config)
     self.n_windows = max((len(stream) - 1) // seq_len, 0)
     # For evaluation: the ragged tail is one more (padded) window so every token is scored once.
     self.n_eval_windows = -(-(len(stream) - 1) // seq_len)
@@ -258,7 +153,7 @@ class SplitWindows:
 class Dataset:
   """Tokenizer + tokenized splits + the deterministic batch schedule of one run."""
 
-  def __init__(self, config, workdir: str, fmt: str = 'lm'):
+  def __init__(self, config, workdir: str, fmt: formats.BatchFormat = formats.get('lm')):
     self.data_config = config.data
     self.seed = config.seed
     self.global_batch = config.train.batch_size
@@ -270,7 +165,7 @@ class Dataset:
     if not config.data.corpus.startswith('tfds:'):
       corpus_files(config.data)   # missing directories and files fail here, before any compiling
     self.tokenizer = load_or_train_tokenizer(config.data, workdir)
-    if fmt in ('words', 'seq2seq') and self.tokenizer.kind != 'byte':
+    if fmt.reads_bytes and self.tokenizer.kind != 'byte':
       raise DataError(f'model.name={config.model.name} reads bytes: set data.tokenizer=byte')
     self._splits: dict[str, SplitWindows] = {}
 

@@ -14,7 +14,6 @@ import json
 import math
 
 import numpy as np
-
 from absl import flags
 
 from train import config as config_lib, distributed
@@ -33,6 +32,7 @@ def main(argv):
   fv = config_lib.parse_flags(argv, _define, config_from_workdir=True)
   distributed.maybe_initialize()
   import jax
+
   from train import restore
   setup, state = restore.load_run(fv.config, fv.workdir)
   eval_step = setup.make_eval_step()

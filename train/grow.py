@@ -43,7 +43,7 @@ def grow_run(source: str, target: str, add_tokens: int, *, key_init: str = 'zero
   import optax
 
   import models
-  from train import checkpoint, metrics, paths, restore, trainer
+  from train import checkpoint, metrics, paths, restore, setup as setup_lib
 
   config = config_lib.load_workdir_config(source)
   model_cls = models.model_class(config.model.name)
@@ -65,7 +65,7 @@ def grow_run(source: str, target: str, add_tokens: int, *, key_init: str = 'zero
     destination = paths.workdir_path(target, 'tokenizer', file.name)
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_bytes(file.read_bytes())
-  new_setup = trainer.Setup(grown, target)
+  new_setup = setup_lib.Setup(grown, target)
 
   def grow(old, fresh):
     if optimizer == 'reset':

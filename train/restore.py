@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from train import checkpoint, config as config_lib, trainer
+from train import checkpoint, config as config_lib, setup as setup_lib
 
 
 def load_run(config, workdir: str):
   """(setup, state) of the latest checkpoint in `workdir`, sharded on the current mesh."""
-  setup = trainer.Setup(config, workdir)
+  setup = setup_lib.Setup(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
   try:
     step = ckpt.latest_step()

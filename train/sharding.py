@@ -6,10 +6,10 @@ sharded), tensor (Megatron-style model parallel over heads, MLP width and vocabu
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-import flax.linen as nn
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 

@@ -14,7 +14,7 @@ import types
 
 import tensorflow_datasets as tfds
 
-from train import data
+from train import corpora
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder):
@@ -27,7 +27,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     config = types.SimpleNamespace(corpus='tfds:local', dir=str(dl_manager.manual_dir))
-    return {split: self._generate_examples(paths) for split, paths in data.corpus_files(config).items()}
+    return {split: self._generate_examples(paths) for split, paths in corpora.corpus_files(config).items()}
 
   def _generate_examples(self, paths):
     for index, path in enumerate(paths):   # keyed by position: names may repeat across subdirectories

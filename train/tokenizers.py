@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from etils import epath
 
+from models.formats import byte_ids
+
 EOS = '<eos>'
 UNK = '<unk>'
 KINDS = ('byte', 'char', 'word', 'bpe', 'wordpiece')
@@ -51,8 +53,8 @@ class Tokenizer:
 class ByteTokenizer(Tokenizer):
   """UTF-8 bytes 0..255 plus eos = 256."""
   kind = 'byte'
-  vocab_size = 257
-  eos_id = 256
+  vocab_size = byte_ids.VOCAB_SIZE
+  eos_id = byte_ids.EOS
 
   def encode(self, text):
     return with_eos(np.frombuffer(text.encode('utf-8'), np.uint8), self.eos_id)

@@ -23,6 +23,7 @@ def twenty_step_losses(name: str, cache_dir: str) -> list[float]:
   """The loss of each of the first 20 steps of `name`'s tiny config (seeded init, the trainer's own step)."""
   import jax
   from conftest import tiny_config
+
   from train import trainer
   config = tiny_config(name, **{'train.steps': STEPS, 'data.cache_dir': cache_dir})
   with tempfile.TemporaryDirectory() as workdir:

@@ -18,10 +18,10 @@ import zlib
 
 import numpy as np
 
-from train.tokenizers import ByteTokenizer
+from models.formats import byte_ids
 
 PAD = 0
-EOS = ByteTokenizer.eos_id
+EOS = byte_ids.EOS
 TASKS = ('span_corruption', 'vowel_removal')
 VOWELS = np.frombuffer(b'aeiou', np.uint8)
 

@@ -1,0 +1,151 @@
+"""What training, evaluation and sampling share: the mesh, the data, the model, the optimiser and the
+layout of the training state, and evaluation on a split (`Setup`).
+
+State: {'step', 'params', 'opt_state', 'rng', 'model_state'}; `model_state` holds the non-parameter
+variable collections the model declares (`state_collections`: controllers, statistics), updated by the
+train step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import models
+from models import formats
+from train import config as config_lib, data, sharding
+
+LN2 = math.log(2.0)
+
+
+def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup, then cosine decay to lr * min_lr_ratio (`schedule=cosine`) or constant and a
+  linear cool-down to it over the last `decay_fraction` of the steps (`wsd`, MoR's trapezoid);
+  global-norm clipping (grad_clip 0 = off). Weight decay applies to matrices only (not norms or biases)."""
+  warmup = min(t.warmup_steps, t.steps)
+  if t.get('schedule', 'cosine') == 'wsd':
+    cooldown = max(1, min(int(t.steps * t.decay_fraction), t.steps - warmup))
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, t.lr, max(warmup, 1)), optax.constant_schedule(t.lr),
+         optax.linear_schedule(t.lr, t.lr * t.min_lr_ratio, cooldown)], [warmup, t.steps - cooldown])
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.lr, warmup_steps=warmup, decay_steps=max(t.steps, warmup + 1),
+        end_value=t.lr * t.min_lr_ratio)
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+  optimizer = optax.chain(
+      optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
+      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+  return optimizer, schedule
+
+
+class Setup:
+  """What training, evaluation and sampling share: mesh, data, tokenizer, model and state layout."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    config_lib.validate(config)
+    try:
+      self.mesh = sharding.make_mesh(config.mesh)
+      self.rows = sharding.process_rows(config.train.batch_size)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
+    batch_shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    micro = config.train.batch_size // config.train.grad_accum
+    if micro % batch_shards:
+      raise config_lib.ConfigError(
+          f'train.batch_size / train.grad_accum = {micro} does not divide over mesh.data x mesh.fsdp = {batch_shards}')
+    model_cls = models.model_class(config.model.name)
+    self.dataset = data.Dataset(config, workdir, fmt=formats.get(model_cls.batch_format))
+    # The model may predict symbols of its own after the tokenizer's ids (HAT's end of word).
+    vocab = self.vocab_limit = self.dataset.tokenizer.vocab_size + model_cls.extra_output_symbols
+    if config.model.vocab_size == 0:   # padded so the vocab axis divides over the tensor axis
+      tensor = self.mesh.shape['tensor']
+      with config.unlocked():
+        config.model.vocab_size = -(-vocab // tensor) * tensor
+    elif config.model.vocab_size < vocab:
+      raise config_lib.ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
+                                   f'tokenizer vocabulary ({vocab})')
+    self.model = config_lib.build_model(config)
+    self.optimizer, self.schedule = make_optimizer(config.train)
+    self._layout()
+
+  def _init_state(self, key):
+    """The full training state with boxed (logically named) parameters."""
+    init_key, train_key = jax.random.split(key)
+    batch = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    inputs = {k: jnp.zeros(s.shape, s.dtype)
+              for k, s in self.model.example_inputs(batch, self.config.train.seq_len).items()}
+    variables = self.model.init({'params': init_key, **self.model.stream_keys(init_key)}, **inputs, train=False)
+    params = variables['params']
+    model_state = {name: variables[name] for name in self.model.state_collections if name in variables}
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': self.optimizer.init(params),
+            'rng': jax.random.key_data(train_key), 'model_state': model_state}
+
+  def _layout(self):
+    boxed = jax.eval_shape(self._init_state, jax.random.key(0))
+    self.state_shardings = sharding.logical_shardings(boxed, self.mesh)
+    for (path, leaf), shard in zip(jax.tree_util.tree_leaves_with_path(nn.meta.unbox(boxed)),
+                                   jax.tree.leaves(self.state_shardings)):
+      try:
+        shard.shard_shape(leaf.shape)
+      except ValueError:
+        raise config_lib.ConfigError(f'{jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be split as '
+                                     f'{shard.spec} on mesh {dict(self.mesh.shape)}: change the model '
+                                     'width or the mesh') from None
+    self.abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                       nn.meta.unbox(boxed), self.state_shardings)
+    self.param_counts = models.param_counts(self.model)
+
+  def init_state(self):
+    init = jax.jit(lambda key: nn.meta.unbox(self._init_state(key)), out_shardings=self.state_shardings)
+    return init(jax.random.key(self.config.seed))
+
+  def global_batch(self, local_batch: dict) -> dict:
+    return sharding.global_batch(local_batch, self.mesh)
+
+  # ------------------------------------------------------------------------------------- evaluation
+  def make_eval_step(self):
+    """(params, model_state, batch, key) -> weighted NLL and weight summed over the batch per position,
+    then the scoring units (tokens; words for word-structured [batch, words, bytes] targets) predicted
+    entirely right by argmax, the units, the UTF-8 bytes the batch counts (0 when it counts none), and
+    the model's metrics (its aux entries other than losses) times the batch's weight."""
+    model, vocab_limit = self.model, self.vocab_limit
+
+    def eval_step(params, model_state, batch, key):
+      logits, aux = model.apply({'params': params, **model_state}, **model.inputs(batch), train=False,
+                                rngs=model.stream_keys(key))
+      score = model.score(logits, batch, vocab_limit)
+      metrics = {k: v * batch['weights'].sum() for k, v in aux.items() if not k.startswith('loss/')}
+      return (*score, metrics)
+
+    return jax.jit(eval_step, out_shardings=sharding.replicated(self.mesh))
+
+  def evaluate(self, eval_step, params, model_state, split: str, max_batches: int = 0, draw: int = 0,
+               per_position: bool = False) -> dict:
+    """Loss, perplexity, bits per byte (total NLL over the UTF-8 bytes scored: the split's, pro rata,
+    unless the batches count their own), accuracy (of tokens, or of words for word-structured
+    batches) and the model's own metrics (averaged over batches by their weight) on one split.
+
+    `draw` picks the key of the model's RNG streams (a fixed function of the seed, so evaluation is
+    reproducible); `per_position` adds the mean NLL at each position of the window."""
+    key = jax.random.fold_in(jax.random.key(self.config.seed), draw)
+    totals = None
+    for batch in self.dataset.eval_batches(split, max_batches, self.rows):
+      out = eval_step(params, model_state, self.global_batch(batch), key)
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)   # stays on device until the end
+    *totals, metrics = totals
+    nll, weight, right, units, counted_bytes = (np.asarray(t, np.float64) for t in totals)
+    loss = nll.sum() / max(weight.sum(), 1.0)
+    n_bytes = counted_bytes if counted_bytes else self.dataset.eval_bytes(split, max_batches)
+    result = {'loss': loss, 'ppl': math.exp(min(loss, 80.0)), 'bpb': nll.sum() / LN2 / n_bytes,
+              'accuracy': right / max(units, 1.0), 'tokens': int(weight.sum()),
+              **{k: float(v) / max(weight.sum(), 1.0) for k, v in metrics.items()}}
+    if per_position:
+      result['nll_by_position'] = (nll / np.maximum(weight, 1.0)).tolist()
+    return result
