@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 
+import models
 from experiments import run
 from experiments.configs import arena as arena_config
 
@@ -42,7 +43,7 @@ def train_row(preset: str, model: str, corpus: str, runs: str, extra: list[str],
   if not resume and os.path.exists(workdir):   # a fresh run: its row's commit and speed are this code's
     shutil.rmtree(workdir)
   row = run.train_and_evaluate(config_path, workdir, overrides, name=model, max_batches=config.train.eval_batches)
-  knob = arena_config.KNOB[model]
+  knob = models.model_class(model).arena_knob
   row.update(knob=f'{knob}={config.model[knob]}', corpus=corpus)
   return row
 
@@ -60,7 +61,9 @@ def render(preset: str, corpus: str, rows: list[dict], plots: list[str], notes: 
   by_name = {r['name']: r for r in rows}
   done = lambda names: [by_name[n] for n in names if n in by_name]
   missing = [n for n in arena_config.ARCHITECTURES if n not in by_name]
-  d, depth, heads, seq_len, batch, steps, lr, eval_batches = arena_config.PRESETS[preset]
+  p = arena_config.PRESETS[preset]
+  d, depth, heads, seq_len, batch, steps, eval_batches = (p[k] for k in ('d_model', 'depth', 'heads', 'seq_len',
+                                                                         'batch', 'steps', 'eval_batches'))
   target_params, target_flops = arena_config.baseline(preset)
   evaluated = 'whole splits' if eval_batches == 0 else f'the first {eval_batches} batches of each split'
   lines = [

@@ -23,31 +23,25 @@ import jax
 import jax.numpy as jnp
 
 from experiments.run import git_commit, hardware
-from models import grassmann, layers, transformer
+from models import grassmann, layers, stack
 
 D_MODEL, D_FF, HEADS, RANK = 256, 1024, 4, 32
 
 
-def blocks():
-  attention = transformer.Block(D_MODEL, HEADS, D_FF, prenorm=False, norm='layernorm', mlp='gelu', use_rope=False,
-                                use_bias=True, dropout=0.0, dtype=jnp.float32, out_init=layers.default_init)
-  mixing = grassmann.GrassmannBlock(D_MODEL, D_FF, RANK, grassmann.PAPER_OFFSETS, prenorm=False, eps=1e-6,
-                                    dropout=0.0, dtype=jnp.float32)
-  positions = lambda length: jnp.arange(length)[None]
-  return {
-      'attention': lambda length: (attention, lambda m, p, x: m.apply(
-          {'params': p}, x, layers.causal_mask(positions(length), positions(length)), positions(length), False, False)),
-      'grassmann': lambda length: (mixing, lambda m, p, x: m.apply({'params': p}, x, False)),
-  }
+BLOCKS = {
+    'attention': layers.Block(d_model=D_MODEL, num_heads=HEADS, d_ff=D_FF, prenorm=False, attention_impl='einsum'),
+    'grassmann': grassmann.GrassmannBlock(d_model=D_MODEL, d_ff=D_FF, rank=RANK, offsets=grassmann.PAPER_OFFSETS,
+                                          prenorm=False, eps=1e-6, dropout=0.0, dtype=jnp.float32),
+}
 
 
 def measure(kind: str, length: int, repeats: int) -> dict:
-  module, apply = blocks()[kind](length)
+  module = BLOCKS[kind]
+  positions = jnp.arange(length)[None]
+  context = stack.Context(mask=layers.causal_mask(positions, positions), positions=positions)
   x = jax.random.normal(jax.random.key(0), (1, length, D_MODEL))
-  init_args = (x, layers.causal_mask(jnp.arange(length)[None], jnp.arange(length)[None]), jnp.arange(length)[None],
-               False, False) if kind == 'attention' else (x, False)
-  params = nn.meta.unbox(module.init(jax.random.key(1), *init_args))['params']
-  step = jax.jit(jax.grad(lambda p, x: apply(module, p, x).sum(), argnums=(0, 1)))
+  params = nn.meta.unbox(module.init(jax.random.key(1), x, context))['params']
+  step = jax.jit(jax.grad(lambda p, x: module.apply({'params': p}, x, context).sum(), argnums=(0, 1)))
   compiled = step.lower(params, x).compile()
   memory = compiled.memory_analysis()
   jax.block_until_ready(compiled(params, x))   # warm-up

@@ -67,8 +67,9 @@ def measure(size: str, seq_len: int, tokens_per_step: int, repeats: int, steps_p
   from torch.nn import functional as F
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
-  d, depth, heads, *_ = arena_config.PRESETS[size]
-  config = arena_config.shaped('transformer', d, depth, heads, seq_len)
+  shape = {**arena_config.shape_of(size), 'seq_len': seq_len}
+  d, depth, heads = shape['d_model'], shape['depth'], shape['heads']
+  config = arena_config.shaped('transformer', **shape)
   vocab = arena_config.vocab_of(config)
   model = build(vocab, d, depth, heads, config.model.d_ff, seq_len)
   decay = [p for p in model.parameters() if p.ndim > 1]

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
+from models import layers, stack
 from models.registry import LanguageModel, register
 
 PAPER_OFFSETS = (1, 2, 4, 8, 12, 16)
@@ -66,17 +66,40 @@ def mean_plucker(z: jax.Array, offsets: tuple[int, ...], eps: float) -> tuple[ja
   return total / jnp.maximum(count, 1)[None, :, None], count
 
 
+def reference_mean_plucker(z: jax.Array, offsets: tuple[int, ...], eps: float) -> tuple[jax.Array, jax.Array]:
+  """`mean_plucker` written from the definition: each position gathers its partner t - Δ by index, the
+  coordinates p_ij = u_i v_j - u_j v_i over an index list of the pairs i < j, p / max(||p||, eps), and the
+  mean over the offsets whose partner exists. The naive reference of the fast path (`mixing_impl`)."""
+  length, rank = z.shape[1], z.shape[-1]
+  i, j = jnp.triu_indices(rank, k=1)
+  positions = jnp.arange(length)
+  features, valid = [], []
+  for offset in offsets:
+    u, v = z, jnp.take(z, jnp.maximum(positions - offset, 0), axis=1)
+    p = (u[..., i] * v[..., j] - u[..., j] * v[..., i]).astype(jnp.float32)
+    features.append(p / jnp.maximum(jnp.linalg.norm(p, axis=-1, keepdims=True), eps))
+    valid.append(positions >= offset)
+  valid = jnp.stack(valid).astype(jnp.float32)                       # [offsets, length]
+  count = valid.sum(0)
+  total = jnp.einsum('obld,ol->bld', jnp.stack(features), valid)
+  return (total / jnp.maximum(count, 1)[None, :, None]).astype(z.dtype), count.astype(z.dtype)
+
+
+MIXING_IMPLS = {'shifted': mean_plucker, 'reference': reference_mean_plucker}
+
+
 class GrassmannMixing(nn.Module):
   d_model: int
   rank: int
   offsets: tuple[int, ...]
   eps: float = 1e-6
   dtype: layers.Dtype = jnp.float32
+  impl: str = 'shifted'   # MIXING_IMPLS
 
   @nn.compact
   def __call__(self, h):
     z = layers.dense(self.rank, ('embed', 'rank'), dtype=self.dtype, name='reduce')(h)
-    p_mean, count = mean_plucker(z, self.offsets, self.eps)
+    p_mean, count = MIXING_IMPLS[self.impl](z, self.offsets, self.eps)
     g = layers.dense(self.d_model, ('plucker', 'embed'), dtype=self.dtype, name='plucker_proj')(p_mean)
     g = g * (count > 0).astype(g.dtype)[None, :, None]
     gate_in = jnp.concatenate([h, g], axis=-1)
@@ -93,10 +116,13 @@ class GrassmannBlock(nn.Module):
   eps: float
   dropout: float
   dtype: layers.Dtype
+  mixing_impl: str = 'shifted'
 
   @nn.compact
-  def __call__(self, x, train: bool):
-    mix = GrassmannMixing(self.d_model, self.rank, self.offsets, self.eps, self.dtype, name='mixing')
+  def __call__(self, x, context):
+    train = context.train
+    mix = GrassmannMixing(d_model=self.d_model, rank=self.rank, offsets=self.offsets, eps=self.eps,
+                          dtype=self.dtype, impl=self.mixing_impl, name='mixing')
     mlp = layers.Mlp(self.d_ff, dtype=self.dtype, name='mlp')
     norm1 = layers.norm('layernorm', dtype=self.dtype, name='norm1')
     norm2 = layers.norm('layernorm', dtype=self.dtype, name='norm2')
@@ -113,6 +139,11 @@ class GrassmannBlock(nn.Module):
 class GrassmannLM(LanguageModel):
   """Causal Grassmann LM: token + learned position embeddings, Grassmann blocks, tied readout."""
   cached_decoding = False
+  presets = {'tiny': dict(d_model=32, num_layers=2, d_ff=64, max_len=32, rank=8, offsets=(1, 2, 4), dropout=0.0)}
+
+  @classmethod
+  def arena_layout(cls, *, d_model, depth, heads):
+    return dict(num_layers=depth, d_ff=4 * d_model, rank=d_model // 8)
   vocab_size: int = 256
   d_model: int = 256
   num_layers: int = 6
@@ -125,10 +156,17 @@ class GrassmannLM(LanguageModel):
   max_len: int = 1024
   dropout: float = 0.1
   dtype: str = 'float32'
-  remat: bool = False
+  mixing_impl: str = 'shifted'   # shifted (static shifts and slices) | reference (gathers by index)
+  remat: str = 'none'            # stack.REMAT_POLICIES
+  scan_layers: bool = False      # schedule='all' only: per_layer gives every layer its own offset
 
   def validate(self):
     super().validate()
+    stack.check_remat(self.remat)
+    if self.mixing_impl not in MIXING_IMPLS:
+      raise ValueError(f'model.mixing_impl={self.mixing_impl!r} must be one of {", ".join(MIXING_IMPLS)}')
+    if self.scan_layers and self.schedule == 'per_layer':
+      raise ValueError('model.scan_layers needs identical layers: use model.schedule=all')
     if self.schedule not in ('all', 'per_layer'):
       raise ValueError(f"model.schedule={self.schedule!r} must be 'all' or 'per_layer'")
     if self.schedule == 'per_layer' and len(self.offsets) != self.num_layers:
@@ -151,12 +189,22 @@ class GrassmannLM(LanguageModel):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = embed(tokens) + layers.LearnedPositions(self.max_len, self.d_model, dtype=dtype, name='pos_embed')(positions)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    block_cls = nn.remat(GrassmannBlock, static_argnums=(2,)) if self.remat else GrassmannBlock
-    for i in range(self.num_layers):
-      x = block_cls(self.d_model, self.d_ff, self.rank, self.layer_offsets(i), self.prenorm, self.eps,
-                    self.dropout, dtype, name=f'block_{i}')(x, train)
+    per_layer = self.schedule == 'per_layer'
+    x = stack.apply_blocks(
+        GrassmannBlock, x, stack.Context(train=train), num_layers=self.num_layers, remat_policy=self.remat,
+        scan=self.scan_layers, layer_kwargs=(lambda i: {'offsets': self.layer_offsets(i)}) if per_layer else None,
+        **({} if per_layer else {'offsets': tuple(self.offsets)}), d_model=self.d_model, d_ff=self.d_ff,
+        rank=self.rank, prenorm=self.prenorm, eps=self.eps, dropout=self.dropout, dtype=dtype,
+        mixing_impl=self.mixing_impl)
     x = layers.norm('layernorm', dtype=dtype, name='final_norm')(x)
     return embed.attend(x).astype(jnp.float32), {}
+
+  def analytic_param_count(self) -> int:
+    d, r = self.d_model, self.rank
+    mixing = (d * r + r) + (r * (r - 1) // 2 * d + d) + (2 * d * d + d)   # reduce, Plücker projection, gate
+    block = mixing + layers.mlp_param_count(d, self.d_ff, 'gelu', use_bias=True) + 2 * layers.norm_param_count(
+        'layernorm', d)
+    return (self.vocab_size + self.max_len) * d + self.num_layers * block + layers.norm_param_count('layernorm', d)
 
   def forward_flops_per_token(self, seq_len: int) -> float:
     n_plucker = self.rank * (self.rank - 1) // 2

@@ -15,40 +15,40 @@ end of word [W] = 257.
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers
+from models import layers, stack
 from models.formats import byte_ids, words as words_lib
 from models.registry import LanguageModel, register
 from models.sampling import pick_token
-from models.transformer import Block, decoder_flops_per_token
 
 END_OF_DOCUMENT = byte_ids.EOS             # [S]: 256
 END_OF_WORD = byte_ids.VOCAB_SIZE          # [W]: 257, the one symbol beyond the byte tokenizer
 
 
 class Stack(nn.Module):
-  """Pre-norm blocks and a final norm over [batch, length, width]."""
+  """Llama-style pre-norm blocks (RMSNorm, SwiGLU, RoPE, no biases) and a final norm over [batch, length, width]."""
   width: int
   num_layers: int
   num_heads: int
   d_ff: int
   dropout: float
   dtype: layers.Dtype
-  remat: bool
+  remat: str
+  scan_layers: bool
+  attention_impl: str
 
   @nn.compact
   def __call__(self, x, mask, positions, *, train: bool, decode: bool = False):
-    out_init = nn.initializers.normal(0.02 / math.sqrt(2 * self.num_layers))
-    block_cls = nn.remat(Block, static_argnums=(4, 5)) if self.remat else Block
-    for i in range(self.num_layers):
-      x = block_cls(self.width, self.num_heads, self.d_ff, True, 'rmsnorm', 'swiglu', True, False, self.dropout,
-                    self.dtype, out_init, name=f'block_{i}')(x, mask, positions, decode, train)
+    x = stack.apply_blocks(
+        layers.Block, x, stack.Context(mask=mask, positions=positions, train=train, decode=decode),
+        num_layers=self.num_layers, remat_policy=self.remat, scan=self.scan_layers, d_model=self.width,
+        num_heads=self.num_heads, d_ff=self.d_ff, norm='rmsnorm', mlp='swiglu', use_rope=True, use_bias=False,
+        dropout=self.dropout, dtype=self.dtype, out_init=layers.residual_init(self.num_layers),
+        attention_impl=self.attention_impl)
     return layers.norm('rmsnorm', dtype=self.dtype, name='final_norm')(x)
 
 
@@ -59,6 +59,17 @@ class HAT(LanguageModel):
   batch_format = 'words'
   extra_output_symbols = 1   # [W]
   cached_decoding = False    # `generate` runs the word and byte loops (the backbone keeps a KV cache)
+  presets = {'tiny': dict(byte_width=32, byte_heads=2, byte_ff=64, encoder_layers=1, decoder_layers=1, d_model=32,
+                          num_layers=2, num_heads=2, d_ff=64, max_words=8, max_word_bytes=8)}
+
+  @classmethod
+  def arena_layout(cls, *, d_model, depth, heads):
+    """Byte modules at half width, 1 layer each (depth <= 4) or 2; the word backbone at `depth`; words of at
+    most 16 bytes (`max_words` is set by the arena from the window)."""
+    byte_layers = 1 if depth <= 4 else 2
+    return dict(num_layers=depth, num_heads=heads, d_ff=4 * d_model, byte_width=d_model // 2,
+                byte_heads=max(1, heads // 2), byte_ff=3 * d_model // 2, encoder_layers=byte_layers,
+                decoder_layers=byte_layers, max_word_bytes=16)
   vocab_size: int = 258
   byte_width: int = 256
   byte_heads: int = 4
@@ -74,10 +85,14 @@ class HAT(LanguageModel):
   splitter: str = 'whitespace'
   dropout: float = 0.0
   dtype: str = 'float32'
-  remat: bool = False
+  attention_impl: str = 'fused'   # layers.ATTENTION_IMPLS
+  remat: str = 'none'             # stack.REMAT_POLICIES
+  scan_layers: bool = False
 
   def validate(self):
     super().validate()
+    layers.check_attention_impl(self.attention_impl)
+    stack.check_remat(self.remat)
     if self.byte_width % self.byte_heads:
       raise ValueError(f'model.byte_heads={self.byte_heads} does not divide model.byte_width={self.byte_width}')
     if self.splitter not in words_lib.SPLITTERS:
@@ -91,13 +106,15 @@ class HAT(LanguageModel):
 
   def setup(self):
     dtype = jnp.dtype(self.dtype)
-    byte_stack = lambda n, name: Stack(self.byte_width, n, self.byte_heads, self.byte_ff, self.dropout, dtype,
-                                       self.remat, name=name)
+    stack_kwargs = dict(dropout=self.dropout, dtype=dtype, remat=self.remat, scan_layers=self.scan_layers,
+                        attention_impl=self.attention_impl)
+    byte_stack = lambda n, name: Stack(width=self.byte_width, num_layers=n, num_heads=self.byte_heads,
+                                       d_ff=self.byte_ff, **stack_kwargs, name=name)
     self.byte_embed = layers.Embed(self.vocab_size, self.byte_width, dtype=dtype, name='byte_embed')
     self.encoder = byte_stack(self.encoder_layers, 'encoder')
     self.word_up = layers.dense(self.d_model, ('embed', 'mlp'), use_bias=False, dtype=dtype, name='word_up')
-    self.backbone = Stack(self.d_model, self.num_layers, self.num_heads, self.d_ff, self.dropout, dtype, self.remat,
-                          name='backbone')
+    self.backbone = Stack(width=self.d_model, num_layers=self.num_layers, num_heads=self.num_heads, d_ff=self.d_ff,
+                          **stack_kwargs, name='backbone')
     self.word_down = layers.dense(self.byte_width, ('mlp', 'embed'), use_bias=False, dtype=dtype, name='word_down')
     self.start = self.param('start', layers.logical(layers.default_init, ('embed',)), (self.byte_width,))
     self.decoder = byte_stack(self.decoder_layers, 'decoder')
@@ -135,13 +152,22 @@ class HAT(LanguageModel):
     h = self.decoder(x, layers.causal_mask(positions, positions), positions, train=train)
     return self.readout(h).reshape(batch, words, length + 1, self.vocab_size).astype(jnp.float32)
 
+  def analytic_param_count(self) -> int:
+    stack = lambda width, n, heads, ff: n * layers.block_param_count(
+        width, heads, ff, norm='rmsnorm', mlp='swiglu', use_bias=False) + width   # blocks and final norm
+    bw = self.byte_width
+    return (2 * self.vocab_size * bw + bw                                       # byte embedding, readout, start
+            + stack(bw, self.encoder_layers, self.byte_heads, self.byte_ff)
+            + stack(bw, self.decoder_layers, self.byte_heads, self.byte_ff)
+            + stack(self.d_model, self.num_layers, self.num_heads, self.d_ff) + 2 * bw * self.d_model)
+
   def forward_flops_per_token(self, seq_len: int) -> float:
     """Per byte of a window of `seq_len` bytes, as executed: every word slot runs the byte modules over
     max_word_bytes + 1 positions whether filled or not (the paper counts only real bytes)."""
     positions = self.max_words * (self.max_word_bytes + 1) / seq_len   # byte-module positions per byte
     # decoder_flops_per_token halves attention for the causal mask: the bidirectional encoder counts double
-    byte_module = lambda n, attended: decoder_flops_per_token(self.byte_width, n, self.byte_ff, 'swiglu', 0, attended)
-    backbone = decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, 'swiglu', 0, self.max_words)
+    byte_module = lambda n, attended: layers.decoder_flops_per_token(self.byte_width, n, self.byte_ff, 'swiglu', 0, attended)
+    backbone = layers.decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, 'swiglu', 0, self.max_words)
     projections = 2 * 2 * self.d_model * self.byte_width
     readout = 2 * self.byte_width * self.vocab_size
     return (positions * (byte_module(self.encoder_layers, 2 * (self.max_word_bytes + 1))

@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers
+from models import layers, stack
 from models.registry import LanguageModel, register
-from models.transformer import decoder_flops_per_token
 
 RETRIEVAL = ('token_and_head', 'head', 'token')
 INFERENCE = ('full', 'cached')
@@ -186,12 +185,16 @@ class LandmarkAttention(layers.Attention):
     repeat = lambda t: jnp.repeat(t, self.num_heads // kv_heads, axis=-2)
     if not self.landmarks:
       causal = layers.causal_mask(slots[None], jnp.arange(window)[None])
-      out = layers.dot_product_attention(q_rot, repeat(k_rot), repeat(v_win), mask=causal & kv_valid)
+      out = layers.dot_product_attention(q_rot, repeat(k_rot), repeat(v_win), mask=causal & kv_valid, impl=self.impl)
       return self.project_out(out, x.shape[-1]), memory
     if memory is not None:
       retrieved = self._retrieve(q_rot, repeat(ring_k), repeat(ring_v), completed)
-    out = grouped_attention(q_rot, repeat(k_rot), repeat(v_win), slots, jnp.broadcast_to(kv_valid, (batch, window)),
-                            block_len, retrieved)
+    if self.impl == 'reference' and memory is None:   # the naive definition, over the window in slot order
+      is_landmark = np.arange(window) % block_len == self.block_size
+      out = reference_grouped_attention(q_rot, repeat(k_rot), repeat(v_win), is_landmark, slots, kv_valid)
+    else:
+      out = grouped_attention(q_rot, repeat(k_rot), repeat(v_win), slots,
+                              jnp.broadcast_to(kv_valid, (batch, window)), block_len, retrieved)
     out = self.project_out(out, x.shape[-1])
     if memory is not None:   # store the window's blocks (keys unrotated) in ring segments completed, completed+1, ...
       n_window_blocks = window // block_len
@@ -248,7 +251,8 @@ class LandmarkBlock(nn.Module):
     attention = LandmarkAttention(
         num_heads=c['num_heads'], head_dim=c['d_model'] // c['num_heads'], use_bias=False, use_rope=True,
         dtype=c['dtype'], out_init=c['out_init'], block_size=c['block_size'], topk=c['topk'],
-        mem_blocks=c['mem_blocks'], retrieval=c['retrieval'], landmarks=c['landmarks'], name='attention')
+        mem_blocks=c['mem_blocks'], retrieval=c['retrieval'], landmarks=c['landmarks'], impl=c['attention_impl'],
+        name='attention')
     h, memory = attention(layers.norm('layernorm', use_bias=False, dtype=c['dtype'], name='norm1')(x),
                           slots, slot_valid, window, memory, n_before)
     x = x + h
@@ -283,9 +287,12 @@ class LandmarkStack(nn.Module):
                           axis=1)
       x = layers.constrain(x, ('batch', 'length', 'act_embed'))
       window = (n_landmarks + 1) * (c['block_size'] + 1)
+    # Each layer reads and writes its own block memory, so the layers are looped here rather than by
+    # `stack.apply_blocks` (whose blocks share one context); the remat policy is the shared one.
+    block_cls = stack.remat(LandmarkBlock, c['remat'], static_argnums=(4,))   # the window length is static
     new_memory = []
     for i in range(c['num_layers']):
-      x, layer_memory = LandmarkBlock(c, name=f'block_{i}')(
+      x, layer_memory = block_cls(c, name=f'block_{i}')(
           x, slots, slot_valid, window, None if memory is None else memory[i], n_before)
       new_memory.append(layer_memory)
     x = layers.norm('layernorm', use_bias=False, dtype=c['dtype'], name='final_norm')(x[:, :length])
@@ -296,6 +303,8 @@ class LandmarkStack(nn.Module):
 @register('landmark')
 class LandmarkLM(LanguageModel):
   """GPT-2-like decoder (pre-LN, no biases, GELU, tied embeddings, RoPE) with landmark attention."""
+  presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, block_size=4, local_len=8, mem_blocks=4,
+                          topk=2)}
   vocab_size: int = 256
   d_model: int = 384
   num_layers: int = 6
@@ -309,9 +318,15 @@ class LandmarkLM(LanguageModel):
   topk: int = 2                # blocks retrieved per query (and head)
   retrieval: str = 'token_and_head'   # or 'head' (max over a chunk's tokens) / 'token' (max over heads)
   dtype: str = 'float32'
+  # layers.ATTENTION_IMPLS: the baseline's plain attention; with landmarks, 'reference' runs the naive grouped
+  # softmax over a window (training, inference='full') and any other the block-structured fast path
+  attention_impl: str = 'fused'
+  remat: str = 'none'                 # stack.REMAT_POLICIES
 
   def validate(self):
     super().validate()
+    layers.check_attention_impl(self.attention_impl)
+    stack.check_remat(self.remat)
     if self.inference not in INFERENCE:
       raise ValueError(f'model.inference={self.inference!r} must be one of {INFERENCE}')
     if self.retrieval not in RETRIEVAL:
@@ -329,9 +344,10 @@ class LandmarkLM(LanguageModel):
 
   def _stack_config(self) -> dict:
     return dict(vocab_size=self.vocab_size, d_model=self.d_model, num_layers=self.num_layers,
-                num_heads=self.num_heads, landmarks=self.landmarks, d_ff=self.d_ff, block_size=self.block_size, topk=self.topk,
-                mem_blocks=self.mem_blocks, retrieval=self.retrieval, dtype=jnp.dtype(self.dtype),
-                out_init=nn.initializers.normal(0.02 / np.sqrt(2 * self.num_layers)))
+                num_heads=self.num_heads, landmarks=self.landmarks, d_ff=self.d_ff, block_size=self.block_size,
+                topk=self.topk, mem_blocks=self.mem_blocks, retrieval=self.retrieval, dtype=jnp.dtype(self.dtype),
+                out_init=layers.residual_init(self.num_layers), attention_impl=self.attention_impl,
+                remat=self.remat)
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False, decode: bool = False):
@@ -363,9 +379,14 @@ class LandmarkLM(LanguageModel):
       state.value = final
     return logits.reshape(batch, n_chunks * chunk, -1)[:, :length]
 
+  def analytic_param_count(self) -> int:
+    d = self.d_model
+    block = layers.block_param_count(d, self.num_heads, self.d_ff, norm='layernorm', mlp='gelu', use_bias=False)
+    return self.vocab_size * d + self.landmarks * d + self.num_layers * block + d
+
   def forward_flops_per_token(self, seq_len: int) -> float:
     if not self.landmarks:
-      return decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, 'gelu', self.vocab_size, seq_len)
+      return layers.decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, 'gelu', self.vocab_size, seq_len)
     entries = 1 + 1 / self.block_size   # landmarks run through every layer, never through the readout
-    body = decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, 'gelu', 0, round(seq_len * entries))
+    body = layers.decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, 'gelu', 0, round(seq_len * entries))
     return entries * body + 2 * self.d_model * self.vocab_size

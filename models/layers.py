@@ -35,13 +35,14 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """`lax.dot_general`; on CPU, a dense layer's dot (trailing lhs axes against leading rhs axes) as one
+  """`lax.dot_general`, with a dense layer's dot (trailing lhs axes against leading rhs axes) written as one
   [tokens, in] x [in, out] matmul. XLA:CPU runs the backward of a dot over [batch, length, ...] inputs or
-  [in, heads, head_dim] kernels up to 3x slower (experiments.bench); accelerators get the plain dot."""
+  [in, heads, head_dim] kernels up to 3x slower (experiments.bench); GPU and TPU compilers canonicalise a
+  dense dot to this same 2-D form, and the reshapes merge or split only the sharded axes' major side."""
   (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
   free = lhs.ndim - len(lhs_contract)
   dot = functools.partial(jax.lax.dot_general, precision=precision, preferred_element_type=preferred_element_type)
-  if (jax.default_backend() != 'cpu' or lhs_batch or tuple(lhs_contract) != tuple(range(free, lhs.ndim))
+  if (lhs_batch or tuple(lhs_contract) != tuple(range(free, lhs.ndim))
       or tuple(rhs_contract) != tuple(range(len(rhs_contract)))):
     return dot(lhs, rhs, dimension_numbers)
   inner = math.prod(lhs.shape[free:])
@@ -200,15 +201,33 @@ def reference_attention(q, k, v, mask=None, bias=None):
   return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
 
 
-def dot_product_attention(q, k, v, mask=None, bias=None, is_causal: bool = False):
-  """Attention over [b, q|k, h, d]: on GPU and TPU the fused `jax.nn.dot_product_attention` (cuDNN flash
-  attention where shapes allow; `is_causal` masks by index inside the kernel, so no [q, k] mask is
-  built). On CPU, two einsums and a softmax: XLA:CPU ran the fused path's forward and backward 2.5x
-  slower at 2,048 tokens (results/bench-cpu-before.md). A query with every key masked averages the
-  values, as the fused kernels do."""
-  if jax.default_backend() != 'cpu':
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
-  # Not `reference_attention`: its -inf fill and NaN clean-up make the backward 40% slower at 128 tokens.
+# `model.attention_impl`; `auto` in a config is resolved by `train.config` (einsum on CPU, fused elsewhere).
+ATTENTION_IMPLS = ('reference', 'einsum', 'fused', 'xla', 'cudnn')
+
+
+def check_attention_impl(impl: str) -> None:
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'model.attention_impl={impl!r} must be one of {", ".join(ATTENTION_IMPLS)}')
+
+
+def dot_product_attention(q, k, v, mask=None, bias=None, is_causal: bool = False, impl: str = 'fused'):
+  """Attention over [b, q|k, h, d] by the named implementation (`ATTENTION_IMPLS`):
+    reference  `reference_attention`, the naive definition every other path is tested against
+    einsum     two einsums and a softmax: on CPU the fused path's forward and backward ran 2.5x slower
+               at 2,048 tokens (results/bench-cpu-before.md)
+    fused      `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPU where shapes
+               allow and XLA elsewhere; `is_causal` masks by index inside the kernel (no [q, k] mask)
+    xla, cudnn `jax.nn.dot_product_attention` forced to that implementation
+  A query with every key masked averages the values (zeros for `reference`)."""
+  if impl == 'reference':
+    if is_causal:
+      causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+      mask = causal if mask is None else mask & causal
+    return reference_attention(q, k, v, mask=mask, bias=bias)
+  if impl in ('fused', 'xla', 'cudnn'):
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
+                                        implementation=None if impl == 'fused' else impl)
+  # einsum. Not `reference_attention`: its -inf fill and NaN clean-up make the backward 40% slower at 128 tokens.
   if is_causal:
     causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
     mask = causal if mask is None else mask & causal
@@ -242,6 +261,7 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   out_init: Initializer = default_init
   causal: bool = False
+  impl: str = 'fused'   # ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x, kv_inputs=None, *, mask=None, bias=None, positions=None, kv_positions=None,
@@ -274,7 +294,7 @@ class Attention(nn.Module):
       k = jnp.repeat(k, self.num_heads // kv_heads, axis=2)
       v = jnp.repeat(v, self.num_heads // kv_heads, axis=2)
     q = constrain(q, ('batch', 'length', 'act_heads', None))
-    out = dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal)
+    out = dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal, impl=self.impl)
     out = nn.Dropout(self.dropout)(out, deterministic=not train)
     return constrain(self.project_out(out, x.shape[-1]), ('batch', 'length', 'act_embed'))
 
@@ -347,3 +367,84 @@ class Mlp(nn.Module):
 def mlp_matmul_params(d_model: int, hidden: int, kind: str) -> int:
   """Weights in one feed-forward (for analytic FLOPs)."""
   return (3 if kind in ('swiglu', 'geglu') else 2) * d_model * hidden
+
+
+# Analytic parameter counts of the shared layers (each model's `analytic_param_count` adds them up).
+
+def norm_param_count(kind: str, width: int, *, use_bias: bool = True, use_scale: bool = True) -> int:
+  return width * (use_scale + (use_bias and kind == 'layernorm'))
+
+
+def mlp_param_count(d_model: int, hidden: int, kind: str, *, use_bias: bool) -> int:
+  gated = kind in ('swiglu', 'geglu')
+  return mlp_matmul_params(d_model, hidden, kind) + use_bias * ((1 + gated) * hidden + d_model)
+
+
+def attention_param_count(d_model: int, num_heads: int, *, use_bias: bool, num_kv_heads: int | None = None) -> int:
+  """Query, key, value and output projections with head width d_model / num_heads."""
+  inner = d_model // num_heads * num_heads
+  kv_inner = d_model // num_heads * (num_kv_heads or num_heads)
+  return 2 * d_model * (inner + kv_inner) + use_bias * (inner + 2 * kv_inner + d_model)
+
+
+def block_param_count(d_model: int, num_heads: int, d_ff: int, *, norm: str, mlp: str, use_bias: bool,
+                      num_kv_heads: int | None = None) -> int:
+  """One `Block`."""
+  return (attention_param_count(d_model, num_heads, use_bias=use_bias, num_kv_heads=num_kv_heads)
+          + mlp_param_count(d_model, d_ff, mlp, use_bias=use_bias)
+          + 2 * norm_param_count(norm, d_model, use_bias=use_bias))
+
+
+def decoder_flops_per_token(d_model: int, num_layers: int, d_ff: int, mlp: str, vocab_size: int,
+                            seq_len: int) -> float:
+  """Forward matmul FLOPs per token of a stack of `Block`s with a (tied or not) readout."""
+  per_layer = 2 * (4 * d_model ** 2 + mlp_matmul_params(d_model, d_ff, mlp))
+  per_layer += 2 * d_model * seq_len   # QK^T and AV: 2 * 2 * d * T per token, halved for the causal mask
+  return num_layers * per_layer + 2 * d_model * vocab_size
+
+
+def residual_init(num_layers: int) -> Initializer:
+  """GPT-2's init of the projections into the residual stream: N(0, 0.02 / sqrt(2 * layers))."""
+  return nn.initializers.normal(0.02 / math.sqrt(2 * num_layers))
+
+
+class Block(nn.Module):
+  """Attention then feed-forward, each around a residual: pre-norm (x + f(norm(x))) or post-norm
+  (norm(x + f(x)), the original Transformer). Called as `block(x, context)` (`models.stack.Context`):
+  the context's mask, positions, bias and key/value inputs (normalised here like x) go to `Attention`."""
+  d_model: int
+  num_heads: int
+  d_ff: int
+  prenorm: bool = True
+  norm: str = 'layernorm'
+  mlp: str = 'gelu'
+  use_rope: bool = False
+  use_bias: bool = True
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  out_init: Initializer = default_init
+  num_kv_heads: int | None = None   # grouped-query attention
+  causal: bool = False              # mask=None attends causally by index (Attention.causal)
+  attention_impl: str = 'fused'
+
+  @nn.compact
+  def __call__(self, x, context):
+    c = context
+    attention = Attention(
+        num_heads=self.num_heads, head_dim=self.d_model // self.num_heads, num_kv_heads=self.num_kv_heads,
+        use_rope=self.use_rope, use_bias=self.use_bias, dropout=self.dropout, dtype=self.dtype,
+        out_init=self.out_init, causal=self.causal, impl=self.attention_impl, name='attention')
+    mlp = Mlp(hidden=self.d_ff, kind=self.mlp, use_bias=self.use_bias, dropout=self.dropout, dtype=self.dtype,
+              out_init=self.out_init, name='mlp')
+    norm1 = norm(self.norm, dtype=self.dtype, use_bias=self.use_bias, name='norm1')
+    norm2 = norm(self.norm, dtype=self.dtype, use_bias=self.use_bias, name='norm2')
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not c.train)
+    attend = lambda y, kv=None: attention(y, kv, mask=c.mask, bias=c.bias, positions=c.positions,
+                                          kv_positions=c.kv_positions, kv_valid=c.kv_valid, decode=c.decode,
+                                          train=c.train, cache_slot=c.cache_slot)
+    if self.prenorm:
+      x = x + drop(attend(norm1(x), None if c.kv_inputs is None else norm1(c.kv_inputs)))
+      return x + drop(mlp(norm2(x), train=c.train))
+    x = norm1(x + drop(attend(x, c.kv_inputs)))
+    return norm2(x + drop(mlp(x, train=c.train)))
+

@@ -20,11 +20,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from models import layers
+from models import layers, stack
 from models.registry import LanguageModel, register
-from models.transformer import Block, decoder_flops_per_token
 
 STREAM = 'lexinvariant'
 
@@ -49,6 +47,7 @@ class Lexinvariant(LanguageModel):
   """Decoder-only Transformer (the baseline's pre-LN blocks) with T5 relative position bias and
   per-sequence random (or learned) embeddings."""
   rng_streams = ('dropout', STREAM)
+  presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32)}
   vocab_size: int = 256
   d_model: int = 256
   num_layers: int = 4
@@ -66,10 +65,14 @@ class Lexinvariant(LanguageModel):
   max_distance: int = 128
   dropout: float = 0.0
   dtype: str = 'float32'
-  remat: bool = False
+  attention_impl: str = 'fused'   # layers.ATTENTION_IMPLS (the relative bias is an additive bias)
+  remat: str = 'none'             # stack.REMAT_POLICIES
+  scan_layers: bool = False
 
   def validate(self):
     super().validate()
+    layers.check_attention_impl(self.attention_impl)
+    stack.check_remat(self.remat)
     if self.embedding not in ('random', 'learned'):
       raise ValueError(f"model.embedding={self.embedding!r} must be 'random' or 'learned'")
     if self.embed_affine not in ('vector', 'scalar'):
@@ -109,21 +112,26 @@ class Lexinvariant(LanguageModel):
     bias = layers.RelativePositionBias(self.num_heads, num_buckets=self.num_buckets, max_distance=self.max_distance,
                                        name='position_bias')(positions, key_positions)
     mask = None if decode else layers.causal_mask(positions, key_positions)
-    block_cls = nn.remat(Block, static_argnums=(4, 5)) if self.remat else Block
-    out_init = nn.initializers.normal(0.02 / (2 * self.num_layers) ** 0.5)
-    for i in range(self.num_layers):
-      x = block_cls(self.d_model, self.num_heads, self.d_ff, True, 'layernorm', 'gelu', False, True, self.dropout,
-                    dtype, out_init, name=f'block_{i}')(x, mask, jnp.broadcast_to(positions, (batch, length)),
-                                                        decode, train, bias.astype(dtype))
+    context = stack.Context(mask=mask, positions=jnp.broadcast_to(positions, (batch, length)), bias=bias.astype(dtype),
+                            train=train, decode=decode)
+    x = stack.apply_blocks(
+        layers.Block, x, context, num_layers=self.num_layers, remat_policy=self.remat, scan=self.scan_layers,
+        d_model=self.d_model, num_heads=self.num_heads, d_ff=self.d_ff, norm='layernorm', mlp='gelu',
+        use_bias=True, dropout=self.dropout, dtype=dtype, out_init=layers.residual_init(self.num_layers),
+        attention_impl=self.attention_impl)
     x = layers.norm('layernorm', dtype=dtype, name='final_norm')(x)
     self.sow('intermediates', 'hidden', x)     # the final hidden states, for probes
     # T5's tied readout: the output is scaled by d^-1/2, as the embeddings are N(0, 1).
     logits = layers.constrain(readout(x * self.d_model ** -0.5), ('batch', 'length', 'act_vocab'))
     return logits.astype(jnp.float32), {}
 
-  def forward_flops_per_token(self, seq_len: int) -> float:
-    return decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, 'gelu', self.vocab_size, seq_len)
+  def analytic_param_count(self) -> int:
+    d = self.d_model
+    embedding = (2 * (d if self.embed_affine == 'vector' else 1) if self.embedding == 'random'
+                 else self.vocab_size * d)
+    block = layers.block_param_count(d, self.num_heads, self.d_ff, norm='layernorm', mlp='gelu', use_bias=True)
+    return (embedding + self.num_buckets * self.num_heads + self.num_layers * block
+            + layers.norm_param_count('layernorm', d))
 
-  @classmethod
-  def default_config(cls) -> ml_collections.ConfigDict:
-    return cls.config_from_fields()
+  def forward_flops_per_token(self, seq_len: int) -> float:
+    return layers.decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, 'gelu', self.vocab_size, seq_len)

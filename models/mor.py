@@ -40,12 +40,10 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from models import layers
+from models import layers, stack
 from models.registry import LanguageModel, register
-from models.transformer import Block
 
 SHARING = ('cycle', 'sequence', 'middle_cycle', 'middle_sequence')
 
@@ -74,6 +72,12 @@ def take(x: jax.Array, index: jax.Array) -> jax.Array:
 class RecursiveLM(LanguageModel):
   """The shared decoder; the registered subclasses below set its defaults."""
   state_collections = ('router_state',)   # the loss-free balancing bias (router=token)
+  presets = {'tiny': dict(d_model=32, num_layers=5, num_recursions=3, num_heads=2, d_ff=64, max_len=32)}
+
+  @classmethod
+  def arena_layout(cls, *, d_model, depth, heads):
+    """Middle-Cycle: unique first and last layers, `depth` - 2 unique blocks applied 3 times; SwiGLU at 8/3."""
+    return dict(num_layers=2 + (depth - 2) * 3, num_recursions=3, num_heads=heads, d_ff=8 * d_model // 3)
   vocab_size: int = 256
   d_model: int = 256
   num_heads: int = 4
@@ -96,9 +100,13 @@ class RecursiveLM(LanguageModel):
   gather: bool = True              # training top-k: gather the selected tokens (False: the dense reference)
   max_len: int = 2048              # only bounds train.seq_len (RoPE needs no table)
   dtype: str = 'float32'
+  attention_impl: str = 'fused'    # layers.ATTENTION_IMPLS
+  remat: str = 'none'              # stack.REMAT_POLICIES (no scan_layers: the plan shares and routes layers)
 
   def validate(self):
     super().validate()
+    layers.check_attention_impl(self.attention_impl)
+    stack.check_remat(self.remat)
     if self.sharing not in SHARING:
       raise ValueError(f'model.sharing={self.sharing!r} must be one of {", ".join(SHARING)}')
     if self.router not in ('none', 'expert', 'token'):
@@ -150,15 +158,22 @@ class RecursiveLM(LanguageModel):
     embed = layers.Embed(self.vocab_size, self.d_model, dtype=dtype, name='embed')
     x = embed(tokens)
     positions = jnp.broadcast_to(layers.sequence_positions(self, tokens.shape[1], decode), tokens.shape)
-    out_init = nn.initializers.normal(0.02 / math.sqrt(2 * self.num_layers))
     plan = layer_plan(self.num_layers, self.num_recursions, self.sharing)
-    blocks = {name: Block(self.d_model, self.num_heads, self.d_ff, True, 'rmsnorm', 'swiglu', True, False, 0.0,
-                          dtype, out_init, self.num_kv_heads or None, name=name) for name in dict.fromkeys(plan)}
+    # The layer loop is the recursion plan's (shared blocks, routed tokens), not `stack.apply_blocks`'s; the
+    # blocks are the shared Llama blocks, rematerialised by the shared policy.
+    block_cls = stack.remat(layers.Block, self.remat)
+    blocks = {name: block_cls(d_model=self.d_model, num_heads=self.num_heads, d_ff=self.d_ff, norm='rmsnorm',
+                              mlp='swiglu', use_rope=True, use_bias=False, dtype=dtype,
+                              out_init=layers.residual_init(self.num_layers), num_kv_heads=self.num_kv_heads or None,
+                              attention_impl=self.attention_impl, name=name)
+              for name in dict.fromkeys(plan)}
 
-    def run(name, use, h, pos, **kw):
+    def run(name, use, h, pos, kv_inputs=None, kv_positions=None, kv_valid=None):
       """Block `name` at its `use`-th application (each use keeps its own decode cache)."""
-      mask = None if decode else layers.causal_mask(pos, kw.get('kv_positions', pos))
-      return blocks[name](h, mask, pos, decode, train, cache_slot=f'_{use}' if use else '', **kw)
+      mask = None if decode else layers.causal_mask(pos, pos if kv_positions is None else kv_positions)
+      context = stack.Context(mask=mask, positions=pos, kv_inputs=kv_inputs, kv_positions=kv_positions,
+                              kv_valid=kv_valid, train=train, decode=decode, cache_slot=f'_{use}' if use else '')
+      return blocks[name](h, context)
 
     aux = {}
     if self.router == 'none':
@@ -324,6 +339,14 @@ class RecursiveLM(LanguageModel):
       return default_capacities(self.num_recursions)
     return self.capacity_fractions
 
+  def analytic_param_count(self) -> int:
+    d = self.d_model
+    unique_blocks = len(set(layer_plan(self.num_layers, self.num_recursions, self.sharing)))
+    block = layers.block_param_count(d, self.num_heads, self.d_ff, norm='rmsnorm', mlp='swiglu', use_bias=False,
+                                     num_kv_heads=self.num_kv_heads or None)
+    routers = {'none': 0, 'expert': self.num_recursions * d, 'token': d * self.num_recursions}[self.router]
+    return self.vocab_size * d + unique_blocks * block + routers + d
+
   def forward_flops_per_token(self, seq_len: int) -> float:
     """Per-layer linear FLOPs x c_r and attention x c_r² (c_r: the layer's active fraction); with
     kv_sharing, deeper recursions skip the key/value projections and attend every token (x c_r)."""
@@ -346,10 +369,6 @@ class RecursiveLM(LanguageModel):
               else 2 * self.d_model * self.num_recursions)
     return flops
 
-  @classmethod
-  def default_config(cls) -> ml_collections.ConfigDict:
-    return cls.config_from_fields()
-
 
 @register('mor')
 class MixtureOfRecursions(RecursiveLM):
@@ -363,7 +382,13 @@ class Recursive(RecursiveLM):
 
 @register('llama')
 class Llama(RecursiveLM):
+  presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32)}
   num_layers: int = 6
   num_recursions: int = 1
   sharing: str = 'cycle'
   router: str = 'none'
+
+  @classmethod
+  def arena_layout(cls, *, d_model, depth, heads):
+    return dict(num_layers=depth, num_heads=heads, d_ff=8 * d_model // 3)
+

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers
+from models import layers, stack
 from models.formats import seq2seq
 from models.registry import InputError, LanguageModel, register
 from models.sampling import pick_token
@@ -104,11 +104,12 @@ class T5Layer(nn.Module):
   cross: bool = False
 
   @nn.compact
-  def __call__(self, h, *, mask, position_bias, key_bias=None, encoded=None, encoded_mask=None,
-               encoded_key_bias=None, train=False):
-    """-> (h, self-attention score penalty, cross-attention score penalty)."""
-    attention = lambda name: T5Attention(self.num_heads, self.d_model // self.num_heads, self.softmax1, self.dtype,
-                                         name=name)
+  def __call__(self, h, train: bool, *, mask, position_bias, key_bias=None, encoded=None, encoded_mask=None,
+               encoded_key_bias=None):
+    """-> (h, self-attention score penalty, cross-attention score penalty). `train` is positional: the
+    rematerialised layer takes it as a static argument."""
+    attention = lambda name: T5Attention(num_heads=self.num_heads, head_dim=self.d_model // self.num_heads,
+                                         softmax1=self.softmax1, dtype=self.dtype, name=name)
     norm = lambda name: layers.norm('rmsnorm', dtype=self.dtype, epsilon=1e-6, name=name)
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
     y = norm('self_norm')(h)
@@ -163,6 +164,15 @@ class ByT5(LanguageModel):
   rng_streams = ('dropout', 'deletion')
   state_collections = ('controller',)   # the PI controller (deletion=gate)
   cached_decoding = False               # `generate` encodes once, then decodes over a buffer
+  presets = {'tiny': dict(d_model=32, num_heads=2, d_ff=64, encoder_layers=3, decoder_layers=2, gate_layer=1,
+                          mean_span=3.0, hard_buckets=4)}
+
+  @classmethod
+  def arena_layout(cls, *, d_model, depth, heads):
+    """ByT5's 3:1 encoder:decoder depth, MrT5's gate after a quarter of the encoder."""
+    decoder = max(1, depth // 4)
+    return dict(num_heads=heads, encoder_layers=depth - decoder, decoder_layers=decoder,
+                gate_layer=max(1, (depth - decoder) // 4), d_ff=2 * d_model)
   vocab_size: int = 0
   d_model: int = 256
   num_heads: int = 4
@@ -194,6 +204,7 @@ class ByT5(LanguageModel):
   score_weight: float = 0.5       # β of the attention-score regulariser (gate only; 0 = off)
   eval_deletion: str = 'hard'     # hard | soft, at evaluation and in generation
   hard_buckets: int = 8
+  remat: str = 'none'             # stack.REMAT_POLICIES
 
   def validate(self):
     super().validate()
@@ -211,6 +222,7 @@ class ByT5(LanguageModel):
               (self.hard_buckets > 0, 'model.hard_buckets must be positive'),
               (0 < self.noise_density < 1 and self.mean_span >= 1,
                'model.noise_density must be in (0, 1) and model.mean_span at least 1')]
+    stack.check_remat(self.remat)
     for ok, message in checks:
       if not ok:
         raise ValueError(message)
@@ -221,7 +233,11 @@ class ByT5(LanguageModel):
     bias = lambda bidirectional: layers.RelativePositionBias(self.num_heads, bidirectional, self.num_buckets,
                                                              self.max_distance)
     self.encoder_bias, self.decoder_bias = bias(True), bias(False)
-    layer = lambda cross: T5Layer(self.d_model, self.num_heads, self.d_ff, self.softmax1, self.dropout, dtype, cross)
+    # Encoder and decoder loop over their layers themselves: the gate splits the encoder in two, and every
+    # layer returns score penalties; the remat policy is the shared one.
+    layer_cls = stack.remat(T5Layer, self.remat, static_argnums=(2,))
+    layer = lambda cross: layer_cls(d_model=self.d_model, num_heads=self.num_heads, d_ff=self.d_ff,
+                                    softmax1=self.softmax1, dropout=self.dropout, dtype=dtype, cross=cross)
     self.encoder = [layer(False) for _ in range(self.encoder_layers)]
     self.decoder = [layer(True) for _ in range(self.decoder_layers)]
     self.encoder_norm = layers.norm('rmsnorm', dtype=dtype, epsilon=1e-6)
@@ -246,7 +262,7 @@ class ByT5(LanguageModel):
     h = self.drop(self.embed(encoder_tokens), deterministic=not train)
     bias, mask = self.encoder_bias(positions, positions), layers.padding_mask(valid, valid)
     for layer in self.encoder[:self.gate_layer]:
-      h, _, _ = layer(h, mask=mask, position_bias=bias, train=train)
+      h, _, _ = layer(h, train, mask=mask, position_bias=bias)
     return h, valid, positions, self.gate_values(h, encoder_tokens, valid)
 
   def encode_back(self, h, valid, positions, gate, train: bool = False):
@@ -254,7 +270,7 @@ class ByT5(LanguageModel):
     bias, mask = self.encoder_bias(positions, positions), layers.padding_mask(valid, valid)
     penalties = []
     for layer in self.encoder[self.gate_layer:]:
-      h, penalty, _ = layer(h, mask=mask, position_bias=bias, key_bias=gate, train=train)
+      h, penalty, _ = layer(h, train, mask=mask, position_bias=bias, key_bias=gate)
       penalties.append(penalty)
     return self.encoder_norm(h), penalties
 
@@ -266,8 +282,8 @@ class ByT5(LanguageModel):
     encoded_mask = encoded_valid[:, None, None, :]
     penalties = []
     for layer in self.decoder:
-      y, _, penalty = layer(y, mask=mask, position_bias=bias, encoded=encoded, encoded_mask=encoded_mask,
-                            encoded_key_bias=gate, train=train)
+      y, _, penalty = layer(y, train, mask=mask, position_bias=bias, encoded=encoded, encoded_mask=encoded_mask,
+                            encoded_key_bias=gate)
       penalties.append(penalty)
     y = self.drop(self.decoder_norm(y), deterministic=not train)
     return self.readout(y).astype(jnp.float32), penalties
@@ -358,6 +374,14 @@ class ByT5(LanguageModel):
   def example_inputs(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {'encoder_tokens': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
             'decoder_tokens': jax.ShapeDtypeStruct((batch_size, self.decoder_length(seq_len)), jnp.int32)}
+
+  def analytic_param_count(self) -> int:
+    d = self.d_model
+    attention = 4 * d * (d // self.num_heads * self.num_heads) + d                # projections and its norm
+    mlp = layers.mlp_param_count(d, self.d_ff, 'geglu', use_bias=False) + d
+    gate = (2 * d + 1) if self.deletion == 'gate' else 0                        # norm, kernel, bias
+    return (2 * self.vocab_size * d + 2 * self.num_buckets * self.num_heads + 2 * d + gate
+            + self.encoder_layers * (attention + mlp) + self.decoder_layers * (2 * attention + mlp))
 
   def forward_flops_per_token(self, seq_len: int) -> float:
     """Per encoder position (train.seq_len of them per example), without deletion: the training cost,

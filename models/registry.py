@@ -87,6 +87,16 @@ class LanguageModel(nn.Module):
   # `__call__(tokens, decode=True)` keeps a KV cache in the 'cache' collection, so `generate` feeds one
   # token per call; without it `generate` runs a full causal forward per token.
   cached_decoding: ClassVar[bool] = True
+  # Named shapes (model keys): 'tiny' is the one every shared test runs (tests/test_models.py).
+  presets: ClassVar[dict[str, dict]] = {}
+  # The width the arena sets so the model's non-embedding parameters match the baseline's.
+  arena_knob: ClassVar[str] = 'd_ff'
+
+  @classmethod
+  def arena_layout(cls, *, d_model: int, depth: int, heads: int) -> dict:
+    """Model keys (besides d_model) at the arena's width, depth and heads, in the paper's layout, before
+    the knob is matched: by default `depth` blocks with a 4x feed-forward."""
+    return dict(num_layers=depth, num_heads=heads, d_ff=4 * d_model)
 
   def validate(self) -> None:
     """Raise ValueError naming the config key when the shape is impossible."""
@@ -127,6 +137,10 @@ class LanguageModel(nn.Module):
 
   def forward_flops_per_token(self, seq_len: int) -> float:
     """Analytic forward matmul FLOPs per token (causal attention counted at half)."""
+    raise NotImplementedError
+
+  def analytic_param_count(self) -> int:
+    """Every parameter, counted from the shapes by formula (tested against the initialised model)."""
     raise NotImplementedError
 
   def flops_per_token(self, seq_len: int) -> float:

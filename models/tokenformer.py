@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from models import layers
+from models import layers, stack
 from models.registry import LanguageModel, register
 
 ACTIVATIONS = ('l2_gelu', 'gelu_l2', 'softmax')
@@ -92,16 +92,18 @@ class TokenFormerBlock(nn.Module):
   attn_pattention: Callable[..., Pattention]
   ffn_pattention: Callable[..., Pattention]
   dtype: layers.Dtype
+  attention_impl: str = 'fused'
 
   @nn.compact
-  def __call__(self, x, mask, positions, decode, train):
+  def __call__(self, x, context):
     d_model = x.shape[-1]
     attention = PattentionAttention(
         num_heads=self.num_heads, head_dim=d_model // self.num_heads, use_bias=False,
         use_rope=self.rope_fraction > 0, rope_fraction=self.rope_fraction, dtype=self.dtype,
-        pattention=self.attn_pattention, name='attention')
+        pattention=self.attn_pattention, impl=self.attention_impl, name='attention')
     norm = lambda name: layers.norm('layernorm', dtype=self.dtype, use_bias=False, use_scale=False, name=name)
-    x = x + attention(norm('norm1')(x), mask=mask, positions=positions, decode=decode, train=train)
+    x = x + attention(norm('norm1')(x), mask=context.mask, positions=context.positions, decode=context.decode,
+                      train=context.train)
     return x + self.ffn_pattention(features=d_model, name='ffn')(norm('norm2')(x))
 
 
@@ -109,6 +111,12 @@ class TokenFormerBlock(nn.Module):
 class TokenFormer(LanguageModel):
   """Decoder-only TokenFormer. Defaults follow the released NeoX configs (rotary on 25% of head dims,
   l2_gelu with exact GeLU, keys N(0, 0.02), values N(0, 2/(layers·√d)))."""
+  presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, n_attn=24, n_ffn=96, max_len=32)}
+  arena_knob = 'n_ffn'
+
+  @classmethod
+  def arena_layout(cls, *, d_model, depth, heads):
+    return dict(num_layers=depth, num_heads=heads, n_attn=d_model, n_ffn=4 * d_model)
   vocab_size: int = 256
   d_model: int = 256
   num_layers: int = 4
@@ -123,10 +131,14 @@ class TokenFormer(LanguageModel):
   rope_fraction: float = 0.25   # head dims with rotary positions; 0 = no positions at all (the JAX port)
   max_len: int = 2048           # only bounds train.seq_len; rotary needs no table
   dtype: str = 'float32'
-  remat: bool = False
+  attention_impl: str = 'fused'   # layers.ATTENTION_IMPLS
+  remat: str = 'none'             # stack.REMAT_POLICIES
+  scan_layers: bool = False
 
   def validate(self):
     super().validate()
+    layers.check_attention_impl(self.attention_impl)
+    stack.check_remat(self.remat)
     if min(self.n_attn, self.n_ffn) <= 0:
       raise ValueError('model.n_attn and model.n_ffn must be positive')
     if self.activation not in ACTIVATIONS:
@@ -157,25 +169,27 @@ class TokenFormer(LanguageModel):
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     mask = None if decode else layers.causal_mask(positions, positions)   # decoding masks by cache position
-    block_cls = nn.remat(TokenFormerBlock, static_argnums=(4, 5)) if self.remat else TokenFormerBlock
-    for i in range(self.num_layers):
-      x = block_cls(self.num_heads, self.rope_fraction, self._pattention(self.n_attn, self.tau_attn, dtype),
-                    self._pattention(self.n_ffn, self.tau_ffn, dtype), dtype,
-                    name=f'block_{i}')(x, mask, positions, decode, train)
+    x = stack.apply_blocks(
+        TokenFormerBlock, x, stack.Context(mask=mask, positions=positions, train=train, decode=decode),
+        num_layers=self.num_layers, remat_policy=self.remat, scan=self.scan_layers, num_heads=self.num_heads,
+        rope_fraction=self.rope_fraction, attn_pattention=self._pattention(self.n_attn, self.tau_attn, dtype),
+        ffn_pattention=self._pattention(self.n_ffn, self.tau_ffn, dtype), dtype=dtype,
+        attention_impl=self.attention_impl)
     x = layers.norm('layernorm', dtype=dtype, name='final_norm')(x)
     logits = embed.attend(x)
     if fan_in:   # N(0, 1) embeddings: the tied readout is scaled back by 1/√d
       logits = logits / math.sqrt(self.d_model)
     return logits.astype(jnp.float32), {}
 
+  def analytic_param_count(self) -> int:
+    """Keys and values of 4 attention Pattentions and the feed-forward one per layer (the norms carry none)."""
+    d = self.d_model
+    return self.vocab_size * d + self.num_layers * 2 * d * (4 * self.n_attn + self.n_ffn) + 2 * d
+
   def forward_flops_per_token(self, seq_len: int) -> float:
     # A Pattention does X·Kᵀ and Θ·V: 2 FLOPs per parameter; causal QKᵀ and AV: 2 · d · T.
     per_layer = 2 * 2 * self.d_model * (4 * self.n_attn + self.n_ffn) + 2 * self.d_model * seq_len
     return self.num_layers * per_layer + 2 * self.d_model * self.vocab_size
-
-  @classmethod
-  def default_config(cls) -> ml_collections.ConfigDict:
-    return cls.config_from_fields()
 
   # ------------------------------------------------------------------ progressive scaling (train.grow)
   @staticmethod

@@ -23,10 +23,9 @@ for model in sys.argv[3].split(','):
   specs[model] = {jax.tree_util.keystr(path): str(s.spec) for path, s in
                   jax.tree_util.tree_leaves_with_path(setup.state_shardings['params'])}
 mesh = sharding.make_mesh(tiny_config(**mesh_overrides).mesh)
-d, depth, heads, seq_len, *_ = arena.PRESETS['small']
 large_unsharded = {}
 for name in models.names():
-  config = arena.shaped(name, d, depth, heads, seq_len)
+  config = arena.shaped(name, **arena.shape_of('small'))
   boxed = models.abstract_variables(arena.model_of(config))['params']
   shardings = sharding.logical_shardings(boxed, mesh)
   large_unsharded[name] = [

@@ -13,22 +13,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / 'shared' / 'data'
 
 
-TINY_MODELS = {
-    'transformer': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32),
-    'grassmann': dict(d_model=32, num_layers=2, d_ff=64, max_len=32, rank=8, offsets=(1, 2, 4), dropout=0.0),
-    'tokenformer': dict(d_model=32, num_layers=2, num_heads=2, n_attn=24, n_ffn=96, max_len=32),
-    'lexinvariant': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32),
-    'mor': dict(d_model=32, num_layers=5, num_recursions=3, num_heads=2, d_ff=64, max_len=32),
-    'landmark': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, block_size=4, local_len=8, mem_blocks=4,
-                     topk=2),
-    'hat': dict(byte_width=32, byte_heads=2, byte_ff=64, encoder_layers=1, decoder_layers=1, d_model=32,
-                num_layers=2, num_heads=2, d_ff=64, max_words=8, max_word_bytes=8),
-    'byt5': dict(d_model=32, num_heads=2, d_ff=64, encoder_layers=3, decoder_layers=2, gate_layer=1, mean_span=3.0,
-                 hard_buckets=4),
-}
-TINY_MODELS['mrt5'] = TINY_MODELS['byt5']
-TINY_MODELS['llama'] = dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32)
-TINY_MODELS['recursive'] = TINY_MODELS['mor']
+def _tiny_models() -> dict[str, dict]:
+  import models
+  return {name: models.model_class(name).presets['tiny'] for name in models.names()}
+
+
+TINY_MODELS = _tiny_models()   # every registered model's test shape, from its registration
 
 
 def tiny_config(model='transformer', **overrides):
@@ -71,18 +61,8 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
                         text=True, timeout=timeout)
 
 
-# A config file per model with the same keys as `tiny_config(model)`: the overrides set every value.
-BASE_CONFIG_FILES = {
-    'transformer': 'experiments/configs/quickstart.py',
-    'grassmann': 'experiments/configs/grassmann_wikitext2.py:tiny,grassmann,wordpiece',
-    'tokenformer': 'experiments/configs/tokenformer_scaling.py:tiny,small',
-    'lexinvariant': 'experiments/configs/lexinvariant.py:tiny,stdlib,char,random',
-    'mor': 'experiments/configs/mor.py:tiny,mor3',
-    'landmark': 'experiments/configs/landmark.py:tiny,landmark',
-    'hat': 'experiments/configs/hat.py:tiny',
-    'byt5': 'experiments/configs/mrt5.py:tiny,byt5',
-    'mrt5': 'experiments/configs/mrt5.py:tiny,mrt5',
-}
+# A config file per model with the same keys as `tiny_config(model)` (the overrides set every value): the arena's.
+BASE_CONFIG_FILES = {name: f'experiments/configs/arena.py:tiny,{name}' for name in TINY_MODELS}
 
 
 def assert_causal(model, params, tokens, vocab_size: int, t: int = 9, **apply_kwargs):

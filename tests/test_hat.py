@@ -10,8 +10,8 @@ from conftest import TINY_MODELS, config_flags, run_module
 
 import models
 from models import formats
+from models.formats import words
 from models.hat import END_OF_DOCUMENT, END_OF_WORD
-from train import words
 
 TEXTS = ['Hello, world!  It\'s 3.14\tand\n\nnext', '  leading spaces', 'über-cool 東京タワー ça va? 🙂 ok',
          'trailing space ', '', 'supercalifragilisticexpialidocious']

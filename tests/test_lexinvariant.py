@@ -58,8 +58,8 @@ def test_same_token_same_vector_within_a_sequence_and_not_across():
   assert not np.allclose(emb[0], emb[1])   # the same sequence twice in a batch: two tables
 
 
-@pytest.mark.parametrize('kw', [dict(), dict(embedding='learned'), dict(embed_affine='scalar')])
-def test_causality(kw):
+@pytest.mark.parametrize('kw', [dict(embedding='learned'), dict(embed_affine='scalar')])   # default: test_models
+def test_causality_of_the_variants(kw):
   assert_causal(*build(**kw), vocab_size=50, rngs=RNGS)
 
 

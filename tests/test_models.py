@@ -1,19 +1,60 @@
 """The suite every registered model runs (`models.names()`): a new architecture is covered by registering it
 and adding its tiny shape to `conftest.TINY_MODELS`. What a model cannot do is declared on the model
-(`cached_decoding`, `batch_format`), and the suite reads it there.
+(`cached_decoding`, `batch_format`) or in a table here with the test that covers it instead, and the
+suite reads it there. The sharded step against one device is `test_sharding.py`, over the same names.
 
 Model-specific behaviour stays in each model's own test file."""
 
+import functools
 import json
-import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import models
+from conftest import TINY_MODELS, tiny_config
 from golden.record import GOLDEN, twenty_step_losses
 
+import models
+from models import sampling
+from train import checkpoint, setup as setup_lib
+
 NAMES = models.names()
+# Formats whose generation is not one token per step: where their generation is checked against the
+# teacher-forced forward pass instead.
+GENERATION_TESTED_IN = {
+    'words': 'test_hat.py::test_generation_reproduces_teacher_forced_argmax',
+    'seq2seq': 'test_mrt5.py::test_greedy_generation_equals_the_teacher_forced_argmax',
+}
+# Decode caches that are exact only under a setting: Landmark retrieves `topk` of the cached blocks, so its
+# decoding equals the full pass when k covers every block (test_landmark.py checks it otherwise bounded).
+EXACT_DECODING = {'landmark': dict(topk=4)}
+
+
+@functools.cache
+def built(name: str, cache_dir: str):
+  """(setup, state, a real training batch) of the model's tiny config. The parameters are moved off their
+  initialisation by N(0, 0.02) noise, so that no zero-initialised weight (lexinvariant's embedding scale,
+  MrT5's gate kernel) hides a dependence from the tests."""
+  import tempfile
+  setup = setup_lib.Setup(tiny_config(name, **{'data.cache_dir': cache_dir}), tempfile.mkdtemp())
+  state = setup.init_state()
+  leaves, tree = jax.tree.flatten(state['params'])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  noisy = [p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
+  return setup, {**state, 'params': jax.tree.unflatten(tree, noisy)}, setup.dataset.train_batch(0)
+
+
+@functools.cache
+def jitted_apply(model):
+  return jax.jit(lambda variables, inputs: model.apply(variables, **inputs, train=False,
+                                                       rngs=model.stream_keys(jax.random.key(0))))
+
+
+def forward(setup, state, batch):
+  """(logits, aux) of the evaluation forward pass (one compilation per model and shape)."""
+  variables = {'params': state['params'], **state['model_state']}
+  return jitted_apply(setup.model)(variables, setup.model.inputs(batch))
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -26,6 +67,114 @@ def test_twenty_step_losses_are_unchanged(name, cache_dir):
 
 
 def test_every_registered_model_has_a_tiny_shape_and_a_golden_record():
-  from conftest import TINY_MODELS
   assert set(TINY_MODELS) == set(NAMES)
-  assert set(json.loads(pathlib.Path(GOLDEN).read_text())) == set(NAMES)
+  assert set(json.loads(GOLDEN.read_text())) == set(NAMES)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_loss_at_init_is_finite_and_near_uniform(name, cache_dir):
+  setup, state, batch = built(name, cache_dir)
+  logits, aux = forward(setup, state, batch)
+  score = setup.model.score(logits, batch, setup.vocab_limit)
+  loss = float(score.nll.sum() / score.weight.sum())
+  assert np.isfinite(loss) and all(np.isfinite(float(v)) for v in aux.values())
+  assert abs(loss - np.log(setup.vocab_limit)) < 1.5, loss
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_causal(name, cache_dir):
+  """Changing the causal input after step t changes no logit up to t, and does change later ones."""
+  setup, state, batch = built(name, cache_dir)
+  key, t = setup.model.format.causal_input, 3
+  changed = dict(batch, **{key: batch[key].copy()})
+  changed[key][:, t + 1:] = (changed[key][:, t + 1:] + 5) % 200
+  before, after = forward(setup, state, batch)[0], forward(setup, state, changed)[0]
+  np.testing.assert_allclose(before[:, :t + 1], after[:, :t + 1], atol=1e-5)
+  assert not np.allclose(before[:, t + 1:], after[:, t + 1:], atol=1e-3)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_cached_decoding_equals_the_full_forward(name, cache_dir):
+  """A prompt chunk, then one token per call: each step's logits equal the full forward's at that position.
+  Without a decode cache, greedy generation equals the argmax of the full forward over its output."""
+  setup, state, batch = built(name, cache_dir)
+  model, params, model_state = setup.model.clone(**EXACT_DECODING.get(name, {})), state['params'], state['model_state']
+  if model.batch_format != 'lm':
+    pytest.skip(f'generation of the {model.batch_format} format is checked in {GENERATION_TESTED_IN[model.batch_format]}')
+  tokens = jnp.asarray(batch['tokens'][:2])
+  full = jitted_apply(model)({'params': params, **model_state}, {'tokens': tokens})[0]
+  if not model.cached_decoding:
+    generated = model.generate(params, np.asarray(tokens[0, :5]), 8, key=jax.random.key(0), temperature=0,
+                               model_state=model_state)
+    sequence = np.concatenate([tokens[0, :5], generated])
+    logits = forward(setup, state, {'tokens': jnp.asarray(sequence)[None]})[0]
+    np.testing.assert_array_equal(generated, np.argmax(logits[0, 4:-1], axis=-1))
+    return
+  step = sampling.decode_step_fn(model)
+  cache = sampling.init_cache(model, 2, tokens.shape[1])
+  logits, cache = step(params, cache, tokens[:, :6], jax.random.key(0), model_state)
+  np.testing.assert_allclose(logits, full[:, 5], atol=1e-4)
+  for t in range(6, tokens.shape[1]):
+    logits, cache = step(params, cache, tokens[:, t:t + 1], jax.random.key(0), model_state)
+    np.testing.assert_allclose(logits, full[:, t], atol=1e-4, err_msg=f'position {t}')
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_checkpoint_round_trip_restores_every_leaf(name, cache_dir, tmp_path):
+  setup, state, _ = built(name, cache_dir)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=False)
+  ckpt.save(1, state, {'step': 1})
+  restored, meta = ckpt.restore(1, setup.abstract_state)
+  ckpt.close()
+  assert meta['step'] == 1
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_analytic_parameter_count(name, cache_dir):
+  setup = built(name, cache_dir)[0]
+  assert setup.model.analytic_param_count() == setup.param_counts['params']
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_analytic_flops_against_xla(name, cache_dir):
+  """`forward_flops_per_token` against XLA's count of the compiled forward at the tiny shape. XLA also
+  counts elementwise work (norms, activations, softmax), which is a large share at d=32: the bounds
+  catch a formula that misses or doubles a matmul, not a few percent."""
+  setup, state, batch = built(name, cache_dir)
+  model = setup.model
+  variables = {'params': state['params'], **state['model_state']}
+  inputs = model.inputs(batch)
+  apply = lambda v, inputs: model.apply(v, **inputs, train=False, rngs=model.stream_keys(jax.random.key(0)))[0]
+  xla = jax.jit(apply).lower(variables, inputs).compile().cost_analysis()['flops']
+  seq_len = setup.config.train.seq_len
+  analytic = model.forward_flops_per_token(seq_len) * seq_len * batch['targets'].shape[0]
+  assert 0.55 < analytic / xla < 1.2, analytic / xla
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_rematerialisation_keeps_the_gradients(name, cache_dir):
+  """Every model takes `model.remat`; the `full` policy recomputes the blocks in the backward pass and
+  must give the same gradients as keeping every activation."""
+  setup, state, batch = built(name, cache_dir)
+  variables = {'params': state['params'], **state['model_state']}
+
+  def gradients(model):
+    def loss(params):
+      logits, _ = model.apply({**variables, 'params': params}, **model.inputs(batch), train=True,
+                              rngs=model.stream_keys(jax.random.key(0)), mutable=list(state['model_state']))[0]
+      return model.score(logits, batch, setup.vocab_limit).nll.sum()
+    return jax.jit(jax.grad(loss))(state['params'])
+
+  plain, rematerialised = gradients(setup.model.clone(remat='none')), gradients(setup.model.clone(remat='full'))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_every_parameter_has_logical_axis_names(name, cache_dir):
+  import flax.linen as nn
+  boxed = models.abstract_variables(built(name, cache_dir)[0].model)['params']
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim for x in leaves)

@@ -112,8 +112,8 @@ def test_auxiliary_losses():
   np.testing.assert_allclose(new_state['router_state']['bias'], 1e-3 * np.sign(load.mean() - load), atol=1e-9)
 
 
-@pytest.mark.parametrize('kw', [dict(), dict(router='token'), dict(kv_sharing=True, num_kv_heads=2)])
-def test_causality_in_evaluation(kw):
+@pytest.mark.parametrize('kw', [dict(router='token'), dict(kv_sharing=True, num_kv_heads=2)])   # default: test_models
+def test_causality_in_evaluation_of_the_variants(kw):
   # (Cached decoding equal to the full pass, below, also shows that the full pass never looks ahead.)
   model, params, _, tokens = build('mor', **kw)
   assert_causal(model, params, tokens, VOCAB)

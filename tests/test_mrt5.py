@@ -13,8 +13,9 @@ import pytest
 from conftest import TINY_MODELS, run_module
 
 import models
+from models.formats import seq2seq
 from models.mrt5 import ByT5, hard_bucket_sizes, pi_controller_update
-from train import seq2seq, trainer
+from train import trainer
 
 TEXT = (b'The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest '
         b'structure in Paris. Its base is square, measuring 125 metres on each side.')

@@ -38,11 +38,11 @@ def default_config(model: str = 'transformer') -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = models.default_config(model)
   c.model.vocab_size = 0   # 0: taken from the tokenizer
-  # Left unset, compute precision and rematerialisation follow the backend (see `accelerator_defaults`).
-  if 'dtype' in c.model:
-    c.model.dtype = 'auto'
-  if 'remat' in c.model:
-    c.model.remat = ml_collections.FieldReference(None, field_type=bool)
+  # 'auto': compute precision, rematerialisation and the attention kernel follow the backend
+  # (`accelerator_defaults`).
+  for key in ('dtype', 'remat', 'attention_impl'):
+    if key in c.model:
+      c.model[key] = 'auto'
   c.data = ml_collections.ConfigDict(dict(
       corpus='stdlib',     # stdlib | text | wikitext2 | documents | tfds:local | tfds:NAME
       dir='',              # directory for text/wikitext2/documents/tfds:local
@@ -99,14 +99,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(str(e)) from None
 
 
+# What 'auto' means on an accelerator (GPU, TPU) and on CPU: bfloat16 compute, rematerialised blocks and the
+# fused attention kernel where memory bandwidth and capacity bind; float32 (bf16 is emulated on CPU), no remat
+# and XLA:CPU's fastest attention (two einsums, layers.dot_product_attention) on CPU.
+AUTO = {'dtype': ('bfloat16', 'float32'), 'remat': ('full', 'none'), 'attention_impl': ('fused', 'einsum')}
+
+
 def accelerator_defaults(model_config: ml_collections.ConfigDict, backend: str) -> None:
-  """`model.dtype='auto'` and an unset `model.remat`: bfloat16 compute and rematerialised blocks on GPU and
-  TPU, where memory bandwidth and capacity bind; float32 without remat on CPU, where bf16 is emulated."""
-  accelerator = backend != 'cpu'
-  if model_config.get('dtype') == 'auto':
-    model_config.dtype = 'bfloat16' if accelerator else 'float32'
-  if 'remat' in model_config and model_config.remat is None:
-    model_config.remat = accelerator
+  """Resolve the model keys left at 'auto' for `backend` (see AUTO)."""
+  for key, (accelerator, cpu) in AUTO.items():
+    if model_config.get(key) == 'auto':
+      model_config[key] = cpu if backend == 'cpu' else accelerator
 
 
 def build_model(config, vocab_size: int | None = None) -> models.LanguageModel:

@@ -22,58 +22,38 @@ import functools
 
 import ml_collections
 
+import models
 from train.config import build_model, default_config
 from train.tokenizers import ByteTokenizer
 
-PRESETS = {   # d_model, layers, heads, seq_len, batch, baseline steps, lr, eval batches (0 = whole split)
-    'tiny': (128, 4, 4, 256, 8, 300, 2e-3, 20),
-    'small': (384, 6, 6, 512, 32, 5000, 1e-3, 0),
-    'paper': (768, 12, 12, 1024, 64, 20000, 6e-4, 0),
+# The shape every model gets (d_model, depth, heads, seq_len), and the baseline's run: batch, steps, lr and
+# evaluation batches (0 = the whole split).
+PRESETS = {
+    'tiny': dict(d_model=128, depth=4, heads=4, seq_len=256, batch=8, steps=300, lr=2e-3, eval_batches=20),
+    'small': dict(d_model=384, depth=6, heads=6, seq_len=512, batch=32, steps=5000, lr=1e-3, eval_batches=0),
+    'paper': dict(d_model=768, depth=12, heads=12, seq_len=1024, batch=64, steps=20000, lr=6e-4, eval_batches=0),
 }
 BASELINE = 'transformer'
-# llama: the baseline's block in Llama layout (RMSNorm, RoPE, SwiGLU), the recipe HAT, Landmark and MoR build on.
-LANGUAGE_MODELS = ('transformer', 'llama', 'grassmann', 'tokenformer', 'mor', 'recursive', 'hat', 'landmark',
-                   'lexinvariant')
-SPAN_CORRUPTION = ('byt5', 'mrt5')   # their own section: a different task, so a different loss
+# Every registered model; the encoder-decoders get their own section (a different task, so a different loss).
+# llama is the baseline's block in Llama layout (RMSNorm, RoPE, SwiGLU), the recipe HAT, Landmark and MoR build on.
+SPAN_CORRUPTION = tuple(name for name in models.names() if models.model_class(name).batch_format == 'seq2seq')
+LANGUAGE_MODELS = (BASELINE, *(name for name in models.names() if name not in (BASELINE, *SPAN_CORRUPTION)))
 ARCHITECTURES = LANGUAGE_MODELS + SPAN_CORRUPTION
-KNOB = {name: 'd_ff' for name in ARCHITECTURES} | {'tokenformer': 'n_ffn'}   # the width set to match parameters
 
 
-def shaped(name: str, d: int, depth: int, heads: int, seq_len: int) -> ml_collections.ConfigDict:
+def shaped(name: str, *, d_model: int, depth: int, heads: int, seq_len: int) -> ml_collections.ConfigDict:
   """`name` at the preset's shape, in its paper's layout, before parameter matching."""
   c = default_config(name)
   m = c.model
-  m.d_model = d
-  if 'num_heads' in m:
-    m.num_heads = heads
-  if name in ('transformer', 'grassmann', 'landmark', 'lexinvariant'):
-    m.update(num_layers=depth, d_ff=4 * d)
-  if name == 'grassmann':
-    m.rank = d // 8
-  elif name == 'tokenformer':
-    m.update(num_layers=depth, n_attn=d, n_ffn=4 * d)
-  elif name == 'llama':
-    m.update(num_layers=depth, d_ff=8 * d // 3)
-  elif name in ('mor', 'recursive'):   # Middle-Cycle: unique first and last layers, `depth` unique blocks
-    m.update(num_layers=2 + (depth - 2) * 3, num_recursions=3, d_ff=8 * d // 3)
-  elif name == 'hat':   # byte modules at half width, 1 layer (tiny) or 2; the word backbone at `depth`
-    m.update(num_layers=depth, d_ff=4 * d, byte_width=d // 2, byte_heads=max(1, heads // 2), byte_ff=3 * d // 2,
-             encoder_layers=1 if depth <= 4 else 2, decoder_layers=1 if depth <= 4 else 2,
-             max_words=seq_len // 4, max_word_bytes=16)
-  elif name in SPAN_CORRUPTION:   # ByT5's 3:1 encoder:decoder depth, MrT5's gate after a quarter of the encoder
-    decoder = max(1, depth // 4)
-    m.update(encoder_layers=depth - decoder, decoder_layers=decoder, gate_layer=max(1, (depth - decoder) // 4),
-             d_ff=2 * d)
-  if 'max_len' in m:
-    m.max_len = seq_len
-  if 'dropout' in m:
-    m.dropout = 0.0
+  m.update(d_model=d_model, **models.model_class(name).arena_layout(d_model=d_model, depth=depth, heads=heads))
+  for key, value in (('max_len', seq_len), ('max_words', seq_len // 4), ('dropout', 0.0)):
+    if key in m:   # positions up to the window, HAT's words at 4 bytes each on average, no dropout anywhere
+      m[key] = value
   return c
 
 
 def vocab_of(config) -> int:
-  from models import model_class
-  return ByteTokenizer.vocab_size + model_class(config.model.name).extra_output_symbols
+  return ByteTokenizer.vocab_size + models.model_class(config.model.name).extra_output_symbols
 
 
 def model_of(config):
@@ -81,15 +61,14 @@ def model_of(config):
 
 
 def non_embedding_params(config) -> int:
-  from models import param_counts
-  return param_counts(model_of(config))['non_embedding_params']
+  return models.param_counts(model_of(config))['non_embedding_params']
 
 
 def match_knob(config, target: int) -> None:
   """Set the architecture's knob (a positive integer) to the value whose non-embedding parameter count
   is closest to `target`. The count grows linearly with every knob here, so two counts give the
   estimate; a walk to the nearest integer optimum makes it exact for any increasing count."""
-  key = KNOB[config.model.name]
+  key = models.model_class(config.model.name).arena_knob
   count = functools.cache(lambda value: (config.model.update(**{key: value}), non_embedding_params(config))[1])
   step = config.model.d_model
   value = max(1, 1 + round((target - count(1)) * step / (count(1 + step) - count(1))))
@@ -101,18 +80,21 @@ def match_knob(config, target: int) -> None:
   config.model.update(**{key: value})
 
 
+def shape_of(preset: str) -> dict:
+  """The model shape of a preset, as `shaped` takes it."""
+  return {key: PRESETS[preset][key] for key in ('d_model', 'depth', 'heads', 'seq_len')}
+
+
 @functools.cache
 def baseline(preset: str) -> tuple[int, float]:
   """The baseline's non-embedding parameters and training FLOPs per token."""
-  d, depth, heads, seq_len, *_ = PRESETS[preset]
-  c = shaped(BASELINE, d, depth, heads, seq_len)
-  return non_embedding_params(c), model_of(c).flops_per_token(seq_len)
+  c = shaped(BASELINE, **shape_of(preset))
+  return non_embedding_params(c), model_of(c).flops_per_token(PRESETS[preset]['seq_len'])
 
 
 def matched(preset: str, name: str, seq_len: int | None = None) -> ml_collections.ConfigDict:
   """`name` at the preset's shape (or another sequence length), its knob matched to the baseline's parameters."""
-  d, depth, heads, preset_len, *_ = PRESETS[preset]
-  c = shaped(name, d, depth, heads, seq_len or preset_len)
+  c = shaped(name, **{**shape_of(preset), 'seq_len': seq_len or PRESETS[preset]['seq_len']})
   match_knob(c, baseline(preset)[0])
   return c
 
@@ -122,9 +104,10 @@ def get_config(arg='tiny,transformer'):
   if preset not in PRESETS or name not in ARCHITECTURES:
     raise ValueError(f'arena config {arg!r}: PRESET must be one of {", ".join(PRESETS)}, MODEL one of '
                      f'{", ".join(ARCHITECTURES)}')
-  _, _, _, seq_len, batch, base_steps, lr, eval_batches = PRESETS[preset]
+  p = PRESETS[preset]
+  seq_len, batch, lr, eval_batches = p['seq_len'], p['batch'], p['lr'], p['eval_batches']
   c = matched(preset, name)
-  steps = max(1, round(base_steps * baseline(preset)[1] / model_of(c).flops_per_token(seq_len)))
+  steps = max(1, round(p['steps'] * baseline(preset)[1] / model_of(c).flops_per_token(seq_len)))
   c.data.update(corpus='wikitext2', dir='../shared/data/wikitext-2', tokenizer='byte')
   c.train.update(steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, min_lr_ratio=0.1,
                  warmup_steps=max(1, steps // 20), weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,

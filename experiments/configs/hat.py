@@ -17,9 +17,11 @@ weight decay 0.1, cosine to 10% of the peak (the paper's recipe).
 
 from train.config import default_config
 
-SHAPES = {   # byte width, byte heads, byte layers, d_model, layers, heads, batch, steps, lr
-    'tiny': (64, 2, 1, 128, 4, 4, 8, 1000, 2e-3),
-    'small': (256, 4, 2, 512, 8, 8, 64, 10000, 1e-3),
+SHAPES = {   # byte_*: HAT's encoder and decoder; d_model, layers, heads: its backbone and the flat models
+    'tiny': dict(byte_width=64, byte_heads=2, byte_layers=1, d_model=128, layers=4, heads=4, batch=8, steps=1000,
+                 lr=2e-3),
+    'small': dict(byte_width=256, byte_heads=4, byte_layers=2, d_model=512, layers=8, heads=8, batch=64, steps=10000,
+                  lr=1e-3),
 }
 ROWS = ('hat', 'bpe', 'byte')
 BYTES = 512
@@ -30,7 +32,9 @@ def get_config(arg='tiny,hat'):
   shape, row = (arg.split(',') + ['hat'])[:2]
   if row not in ROWS:
     raise ValueError(f'row {row!r} must be one of {", ".join(ROWS)}')
-  byte_width, byte_heads, byte_layers, d, layers, heads, batch, steps, lr = SHAPES[shape]
+  s = SHAPES[shape]
+  byte_width, byte_heads, byte_layers = s['byte_width'], s['byte_heads'], s['byte_layers']
+  d, layers, heads, batch, steps, lr = s['d_model'], s['layers'], s['heads'], s['batch'], s['steps'], s['lr']
   if row == 'hat':
     c = default_config('hat')
     c.model.update(byte_width=byte_width, byte_heads=byte_heads, byte_ff=3 * byte_width,

@@ -14,9 +14,9 @@ recipe). `data.passkey_fraction` 0.1: a tenth of the training windows are synthe
 
 from train.config import default_config
 
-SHAPES = {   # layers, d_model, heads, batch, steps, lr
-    'tiny': (4, 128, 4, 8, 400, 2e-3),
-    'small': (6, 384, 6, 64, 10000, 1e-3),
+SHAPES = {
+    'tiny': dict(layers=4, d_model=128, heads=4, batch=8, steps=400, lr=2e-3),
+    'small': dict(layers=6, d_model=384, heads=6, batch=64, steps=10000, lr=1e-3),
 }
 SEQ_LEN = {'landmark': 502, 'baseline': 512}
 
@@ -25,7 +25,8 @@ def get_config(arg='tiny,landmark'):
   shape, row = arg.split(',')
   if row not in SEQ_LEN:
     raise ValueError(f'row {row!r} must be one of {", ".join(SEQ_LEN)}')
-  layers, d, heads, batch, steps, lr = SHAPES[shape]
+  layers, d, heads, batch, steps, lr = (SHAPES[shape][key] for key in ('layers', 'd_model', 'heads', 'batch', 'steps',
+                                                                        'lr'))
   c = default_config('landmark')
   c.model.update(num_layers=layers, d_model=d, num_heads=heads, d_ff=4 * d, landmarks=row == 'landmark')
   c.data.update(corpus='documents', dir='../shared/data/gutenberg', tokenizer='byte', passkey_fraction=0.1)

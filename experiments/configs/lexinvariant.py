@@ -13,15 +13,15 @@ distance 128), no absolute positions. AdamW with cosine decay instead of the pap
 
 from train.config import default_config
 
-SHAPES = {   # d_model, layers, heads, seq_len, batch, steps
-    'tiny': (128, 4, 4, 256, 16, 800),
-    'small': (256, 6, 4, 512, 64, 10000),
+SHAPES = {
+    'tiny': dict(d_model=128, depth=4, heads=4, seq_len=256, batch=16, steps=800),
+    'small': dict(d_model=256, depth=6, heads=4, seq_len=512, batch=64, steps=10000),
 }
 
 
 def get_config(arg='tiny,wikitext2,char,random'):
   shape, corpus, tokenizer, model = arg.split(',')
-  d, depth, heads, seq_len, batch, steps = SHAPES[shape]
+  d, depth, heads, seq_len, batch, steps = (SHAPES[shape][key] for key in ('d_model', 'depth', 'heads', 'seq_len', 'batch', 'steps'))
   c = default_config('lexinvariant')
   c.model.update(d_model=d, num_layers=depth, num_heads=heads, d_ff=4 * d, max_len=seq_len,
                  embedding='random' if model == 'random' else 'learned',

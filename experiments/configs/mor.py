@@ -19,25 +19,25 @@ import math
 from train.config import build_model, default_config
 from train.tokenizers import ByteTokenizer
 
-SHAPES = {   # d_model, heads, d_ff, seq_len, batch, vanilla steps, lr
-    'tiny': (128, 4, 344, 128, 16, 400, 3e-3),
-    'small': (256, 4, 688, 512, 32, 4000, 3e-3),
+SHAPES = {   # vanilla_steps: the vanilla row's; every other row is matched to its training FLOPs
+    'tiny': dict(d_model=128, heads=4, d_ff=344, seq_len=128, batch=16, vanilla_steps=400, lr=3e-3),
+    'small': dict(d_model=256, heads=4, d_ff=688, seq_len=512, batch=32, vanilla_steps=4000, lr=3e-3),
 }
-ROWS = {   # registered model, unrolled layers, recursions, model overrides
-    'vanilla': ('llama', 6, 1, {}),
-    'recursive': ('recursive', 14, 3, {}),
-    'mor2': ('mor', 10, 2, {}),
-    'mor3': ('mor', 14, 3, {}),
-    'mor3_token': ('mor', 14, 3, dict(router='token')),
-    'mor3_kvshare': ('mor', 14, 3, dict(kv_sharing=True)),
+ROWS = {   # the registered model, its unrolled layers and recursions, and any other model keys
+    'vanilla': dict(name='llama', num_layers=6, num_recursions=1),
+    'recursive': dict(name='recursive', num_layers=14, num_recursions=3),
+    'mor2': dict(name='mor', num_layers=10, num_recursions=2),
+    'mor3': dict(name='mor', num_layers=14, num_recursions=3),
+    'mor3_token': dict(name='mor', num_layers=14, num_recursions=3, router='token'),
+    'mor3_kvshare': dict(name='mor', num_layers=14, num_recursions=3, kv_sharing=True),
 }
 
 
-def model_config(name: str, d: int, heads: int, d_ff: int, seq_len: int, row: str):
-  c = default_config(name)
-  _, layers, recursions, overrides = ROWS[row]
-  c.model.update(d_model=d, num_heads=heads, d_ff=d_ff, max_len=seq_len, num_layers=layers,
-                 num_recursions=recursions, **overrides)
+def model_config(row: str, *, d_model: int, heads: int, d_ff: int, seq_len: int):
+  """The config of `row` at a shape (its data and model; train keys are the caller's)."""
+  overrides = dict(ROWS[row])
+  c = default_config(overrides.pop('name'))
+  c.model.update(d_model=d_model, num_heads=heads, d_ff=d_ff, max_len=seq_len, **overrides)
   c.data.update(corpus='wikitext2', dir='../shared/data/wikitext-2', tokenizer='byte')
   return c
 
@@ -47,13 +47,15 @@ def get_config(arg='tiny,mor3'):
   budget = budget[0] if budget else 'flops'
   if budget not in ('flops', 'tokens'):
     raise ValueError(f'budget {budget!r} must be flops or tokens')
-  d, heads, d_ff, seq_len, batch, vanilla_steps, lr = SHAPES[shape]
-  c = model_config(ROWS[row][0], d, heads, d_ff, seq_len, row)
+  s = SHAPES[shape]
+  shape_keys = {key: s[key] for key in ('d_model', 'heads', 'd_ff', 'seq_len')}
+  seq_len, batch, vanilla_steps, lr = s['seq_len'], s['batch'], s['vanilla_steps'], s['lr']
+  c = model_config(row, **shape_keys)
   steps = vanilla_steps
   if budget == 'flops':
     # Training FLOPs are steps x tokens x (3 x forward FLOPs per token): equal them to vanilla's.
     vocab = ByteTokenizer.vocab_size
-    vanilla = build_model(model_config('llama', d, heads, d_ff, seq_len, 'vanilla'), vocab_size=vocab)
+    vanilla = build_model(model_config('vanilla', **shape_keys), vocab_size=vocab)
     steps = math.floor(vanilla_steps * vanilla.flops_per_token(seq_len)
                        / build_model(c, vocab_size=vocab).flops_per_token(seq_len))
   c.train.update(steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, schedule='wsd', decay_fraction=0.2,

@@ -18,13 +18,13 @@ after a delay, softmax₁ everywhere.
 
 from train.config import default_config
 
-SHAPES = {   # d_model, heads, d_ff, seq_len, batch, steps, lr
-    'tiny': (128, 4, 320, 128, 32, 1200, 3e-3),
-    'small': (256, 4, 640, 1024, 32, 5000, 1e-3),
+SHAPES = {
+    'tiny': dict(d_model=128, heads=4, d_ff=320, seq_len=128, batch=32, steps=1200, lr=3e-3),
+    'small': dict(d_model=256, heads=4, d_ff=640, seq_len=1024, batch=32, steps=5000, lr=1e-3),
 }
-VOWEL_SHAPES = {   # letters per string, batch, steps (the gate loss starts half-way)
-    'tiny': (24, 64, 2000),
-    'small': (64, 128, 30000),   # the paper's diagnostic (its delay is 10k of 30k steps)
+VOWEL_SHAPES = {   # letters per string (the gate loss starts half-way through the steps)
+    'tiny': dict(letters=24, batch=64, steps=2000),
+    'small': dict(letters=64, batch=128, steps=30000),   # the paper's diagnostic (its delay is 10k of 30k steps)
 }
 ROWS = ('byt5', 'mrt5', 'random', 'fixed', 'vowel_t5', 'vowel_mrt5')
 
@@ -33,7 +33,9 @@ def get_config(arg='tiny,byt5'):
   shape, row = (arg.split(',') + ['byt5'])[:2]
   if row not in ROWS:
     raise ValueError(f'row {row!r} must be one of {", ".join(ROWS)}')
-  d, heads, d_ff, seq_len, batch, steps, lr = SHAPES[shape]
+  s = SHAPES[shape]
+  d, heads, d_ff, seq_len, batch, steps, lr = (s[key] for key in ('d_model', 'heads', 'd_ff', 'seq_len', 'batch',
+                                                                  'steps', 'lr'))
   vowels = row.startswith('vowel')
   c = default_config('byt5' if row in ('byt5', 'vowel_t5') else 'mrt5')
   c.model.update(d_model=d, num_heads=heads, d_ff=d_ff, encoder_layers=6, decoder_layers=2, gate_layer=2,
@@ -43,7 +45,7 @@ def get_config(arg='tiny,byt5'):
                  warmup_steps=steps // 20, weight_decay=0.01, grad_clip=1.0, log_every=25, eval_every=steps,
                  eval_batches=20)
   if vowels:   # the corpus only seeds the random strings
-    letters, batch, steps = VOWEL_SHAPES[shape]
+    letters, batch, steps = (VOWEL_SHAPES[shape][key] for key in ('letters', 'batch', 'steps'))
     c.model.update(task='vowel_removal', encoder_layers=3, decoder_layers=3, gate_scale=-10.0, controller='fixed',
                    gate_alpha=1e-3, regularizer_delay=steps // 2)
     c.train.update(seq_len=letters + 1, batch_size=batch, steps=steps, warmup_steps=steps // 20, eval_every=steps)

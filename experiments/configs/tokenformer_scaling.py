@@ -14,15 +14,16 @@ cosine to 0.1x with a short warmup, no dropout, as the released configs (at a CP
 
 from train.config import default_config
 
-SHAPES = {   # d_model, layers, heads, seq_len, batch, steps, lr
-    'tiny': (128, 3, 4, 128, 32, 1000, 2e-3),
-    'paper': (256, 6, 4, 256, 32, 5000, 1e-3),
+SHAPES = {
+    'tiny': dict(d_model=128, depth=3, heads=4, seq_len=128, batch=32, steps=1000, lr=2e-3),
+    'paper': dict(d_model=256, depth=6, heads=4, seq_len=256, batch=32, steps=5000, lr=1e-3),
 }
 
 
 def get_config(arg='tiny,small'):
   shape, row = arg.split(',')
-  d, depth, heads, seq_len, batch, steps, lr = SHAPES[shape]
+  s = SHAPES[shape]
+  d, depth, heads, seq_len, batch, steps, lr = (s[key] for key in ('d_model', 'depth', 'heads', 'seq_len', 'batch', 'steps', 'lr'))
   if row == 'transformer':
     c = default_config('transformer')
     # A Pattention has keys and values, so TokenFormer's attention holds 8d² to a Transformer's 4d²: an

@@ -50,6 +50,8 @@ class BatchFormat:
   name: ClassVar[str]
   inputs: ClassVar[tuple[str, ...]]   # the batch keys fed to the model
   reads_bytes: ClassVar[bool] = False   # built from byte ids (the model needs data.tokenizer=byte)
+  # The input whose axis 1 is the axis along which the model is causal (the logits' axis 1 is the same).
+  causal_input: ClassVar[str]
 
   def build(self, windows: np.ndarray, valid: np.ndarray, model_config) -> dict:
     """windows [batch, seq + 1] token ids and their validity -> the batch (numpy)."""
@@ -72,7 +74,7 @@ class BatchFormat:
 
 
 class LanguageModeling(BatchFormat):
-  name, inputs = 'lm', ('tokens',)
+  name, inputs, causal_input = 'lm', ('tokens',), 'tokens'
 
   def build(self, windows, valid, model_config=None):
     """Next-token prediction: windows [batch, seq + 1] -> tokens, targets, weights [batch, seq]."""
@@ -81,7 +83,7 @@ class LanguageModeling(BatchFormat):
 
 class Words(BatchFormat):
   """A unit is a word: right when every scored target of it (its bytes and the closing [W]) is."""
-  name, inputs, reads_bytes = 'words', ('word_bytes', 'word_lengths'), True
+  name, inputs, reads_bytes, causal_input = 'words', ('word_bytes', 'word_lengths'), True, 'word_bytes'
 
   def build(self, windows, valid, model_config):
     """The bytes an 'lm' batch predicts, windows[:, 1:], split into words and packed by `words.pack_words`
@@ -96,6 +98,7 @@ class Words(BatchFormat):
 
 class SequenceToSequence(BatchFormat):
   name, inputs, reads_bytes = 'seq2seq', ('encoder_tokens', 'decoder_tokens'), True
+  causal_input = 'decoder_tokens'   # the encoder reads its whole input
 
   def build(self, windows, valid, model_config):
     """Encoder-decoder examples of the model's `task`, one per window (`formats.seq2seq`)."""
