@@ -29,6 +29,9 @@ GENERATION_TESTED_IN = {
 # Decode caches that are exact only under a setting: Landmark retrieves `topk` of the cached blocks, so its
 # decoding equals the full pass when k covers every block (test_landmark.py checks it otherwise bounded).
 EXACT_DECODING = {'landmark': dict(topk=4)}
+# XLA counts every op as flops: Lexinvariant's per-sequence random table (threefry's integer work) is counted
+# against its matmuls, so its count is taken with learned embeddings, the same matmuls without the draw.
+FLOPS_COUNTED_AS = {'lexinvariant': dict(embedding='learned')}
 
 
 @functools.cache
@@ -142,15 +145,15 @@ def test_analytic_flops_against_xla(name, cache_dir):
   """`forward_flops_per_token` against XLA's count of the compiled forward at the tiny shape. XLA also
   counts elementwise work (norms, activations, softmax), which is a large share at d=32: the bounds
   catch a formula that misses or doubles a matmul, not a few percent."""
-  setup, state, batch = built(name, cache_dir)
-  model = setup.model
-  variables = {'params': state['params'], **state['model_state']}
+  setup, _, batch = built(name, cache_dir)
+  model = setup.model.clone(**FLOPS_COUNTED_AS.get(name, {}))
+  variables = models.abstract_variables(model, *batch['targets'].shape[:2])
   inputs = model.inputs(batch)
   apply = lambda v, inputs: model.apply(v, **inputs, train=False, rngs=model.stream_keys(jax.random.key(0)))[0]
   xla = jax.jit(apply).lower(variables, inputs).compile().cost_analysis()['flops']
   seq_len = setup.config.train.seq_len
   analytic = model.forward_flops_per_token(seq_len) * seq_len * batch['targets'].shape[0]
-  assert 0.55 < analytic / xla < 1.2, analytic / xla
+  assert 0.55 < analytic / xla < 1.2, analytic / xla   # 0.69 (tokenformer) to 0.95 (hat) at the tiny shapes
 
 
 @pytest.mark.parametrize('name', NAMES)
