@@ -91,6 +91,8 @@ class LanguageModel(nn.Module):
   presets: ClassVar[dict[str, dict]] = {}
   # The width the arena sets so the model's non-embedding parameters match the baseline's.
   arena_knob: ClassVar[str] = 'd_ff'
+  # `grown_config` and `grown_params` scale a trained model up (`python -m train.grow`: TokenFormer).
+  grows_by_tokens: ClassVar[bool] = False
 
   @classmethod
   def arena_layout(cls, *, d_model: int, depth: int, heads: int) -> dict:

@@ -113,6 +113,7 @@ class TokenFormer(LanguageModel):
   l2_gelu with exact GeLU, keys N(0, 0.02), values N(0, 2/(layers·√d)))."""
   presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, n_attn=24, n_ffn=96, max_len=32)}
   arena_knob = 'n_ffn'
+  grows_by_tokens = True
 
   @classmethod
   def arena_layout(cls, *, d_model, depth, heads):

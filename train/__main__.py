@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import sys
 
-from train import config as config_lib, distributed
+import jax
+
+from train import config as config_lib, distributed, trainer
 
 
 @config_lib.cli
@@ -16,9 +18,7 @@ def main(argv):
   has_config_file = any(a == '--config' or a.startswith('--config=') for a in argv)
   fv = config_lib.parse_flags(argv, lambda fv: None, config_from_workdir=not has_config_file)
   distributed.maybe_initialize()
-  from train import trainer
   result = trainer.Trainer(fv.config, fv.workdir).run()
-  import jax
   if jax.process_index() == 0:
     if 'eval_ppl' in result:
       print(f"step {result['step']}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f} "

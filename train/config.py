@@ -19,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import models
+from train import paths
 from train.corpora import CORPORA, DataError
 
 
@@ -124,7 +125,6 @@ def build_model(config, vocab_size: int | None = None) -> models.LanguageModel:
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  from train import paths
   path = paths.workdir_path(workdir, 'config.json')
   if not path.exists():
     raise ConfigError(f'{path} not found: --workdir must be a directory written by python -m train '

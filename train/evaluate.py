@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import numpy as np
 from absl import flags
 
-from train import config as config_lib, distributed
+from train import config as config_lib, distributed, restore
 
 
 def _define(fv):
@@ -31,9 +32,6 @@ def _define(fv):
 def main(argv):
   fv = config_lib.parse_flags(argv, _define, config_from_workdir=True)
   distributed.maybe_initialize()
-  import jax
-
-  from train import restore
   setup, state = restore.load_run(fv.config, fv.workdir)
   eval_step = setup.make_eval_step()
   runs = [setup.evaluate(eval_step, state['params'], state['model_state'], fv.split, fv.max_batches, draw=draw,

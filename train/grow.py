@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import optax
 from absl import flags
 
-from train import config as config_lib, distributed
+import models
+from train import checkpoint, config as config_lib, distributed, metrics, paths, restore, setup as setup_lib
 
 
 def _define(fv):
@@ -38,16 +42,9 @@ def _define(fv):
 def grow_run(source: str, target: str, add_tokens: int, *, key_init: str = 'zeros', pin_tau: bool = False,
              optimizer: str = 'pad') -> dict:
   """Write the grown run into `target`; return a summary (steps and parameter counts)."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-
-  import models
-  from train import checkpoint, metrics, paths, restore, setup as setup_lib
-
   config = config_lib.load_workdir_config(source)
   model_cls = models.model_class(config.model.name)
-  if not hasattr(model_cls, 'grown_config'):
+  if not model_cls.grows_by_tokens:
     raise config_lib.ConfigError(f'model {config.model.name!r} cannot grow by parameter tokens')
   if add_tokens <= 0:
     raise config_lib.ConfigError(f'--add_tokens={add_tokens} must be positive')
@@ -107,7 +104,6 @@ def main(argv):
   distributed.maybe_initialize()
   result = grow_run(fv['from'].value, fv.to, fv.add_tokens, key_init=fv.key_init, pin_tau=fv.pin_tau,
                     optimizer=fv.optimizer)
-  import jax
   if jax.process_index() == 0:
     print(json.dumps(result))
 

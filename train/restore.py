@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import jax
+from flax import traverse_util
+
 from train import checkpoint, config as config_lib, setup as setup_lib
 
 
@@ -23,8 +26,6 @@ def params_from_run(source: str, params) -> tuple[dict, list[str]]:
   """`params` with each leaf that the latest checkpoint of the run in `source` holds at the same path and
   shape replaced by the trained one (continued training, e.g. MrT5 from ByT5); also the names of the
   leaves left as initialised (new modules such as the delete gate)."""
-  import jax
-  from flax import traverse_util
   _, state = load_run(config_lib.load_workdir_config(source), source)
   trained = traverse_util.flatten_dict(state['params'], sep='/')
   merged, fresh = {}, []

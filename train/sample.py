@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from train import config as config_lib, distributed
+from train import config as config_lib, distributed, restore
 
 
 def _define(fv):
@@ -28,7 +28,6 @@ def _define(fv):
 def main(argv):
   fv = config_lib.parse_flags(argv, _define, config_from_workdir=True)
   distributed.maybe_initialize()
-  from train import restore
   setup, state = restore.load_run(fv.config, fv.workdir)
   tokenizer = setup.dataset.tokenizer
   prompt = tokenizer.encode_prompt(fv.prompt)

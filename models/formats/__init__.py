@@ -52,6 +52,8 @@ class BatchFormat:
   reads_bytes: ClassVar[bool] = False   # built from byte ids (the model needs data.tokenizer=byte)
   # The input whose axis 1 is the axis along which the model is causal (the logits' axis 1 is the same).
   causal_input: ClassVar[str]
+  # Batches carry `bytes` [batch]: the UTF-8 bytes their targets cover (else the split's count pro rata).
+  counts_bytes: ClassVar[bool] = False
 
   def build(self, windows: np.ndarray, valid: np.ndarray, model_config) -> dict:
     """windows [batch, seq + 1] token ids and their validity -> the batch (numpy)."""
@@ -69,7 +71,7 @@ class BatchFormat:
     nll = token_nll(logits, batch['targets'], vocab_limit) * weights
     right = (mask_padded_vocab(logits, vocab_limit).argmax(-1) == batch['targets']) | (weights == 0)
     right, scored = self.units(right, weights > 0)
-    counted = batch['bytes'].sum() if 'bytes' in batch else jnp.zeros(())
+    counted = batch['bytes'].sum() if self.counts_bytes else jnp.zeros(())
     return Score(nll.sum(0), weights.sum(0), (right & scored).sum(), scored.sum(), counted)
 
 
@@ -83,7 +85,8 @@ class LanguageModeling(BatchFormat):
 
 class Words(BatchFormat):
   """A unit is a word: right when every scored target of it (its bytes and the closing [W]) is."""
-  name, inputs, reads_bytes, causal_input = 'words', ('word_bytes', 'word_lengths'), True, 'word_bytes'
+  name, inputs, causal_input = 'words', ('word_bytes', 'word_lengths'), 'word_bytes'
+  reads_bytes = counts_bytes = True
 
   def build(self, windows, valid, model_config):
     """The bytes an 'lm' batch predicts, windows[:, 1:], split into words and packed by `words.pack_words`
@@ -97,7 +100,8 @@ class Words(BatchFormat):
 
 
 class SequenceToSequence(BatchFormat):
-  name, inputs, reads_bytes = 'seq2seq', ('encoder_tokens', 'decoder_tokens'), True
+  name, inputs = 'seq2seq', ('encoder_tokens', 'decoder_tokens')
+  reads_bytes = counts_bytes = True
   causal_input = 'decoder_tokens'   # the encoder reads its whole input
 
   def build(self, windows, valid, model_config):
