@@ -1,6 +1,9 @@
 """Record the guard of behaviour: every registered model's 20-step training losses at its tiny config.
 
-  python tests/golden/record.py   # rewrites tests/golden/losses.json (only when a change is meant to alter them)
+  python tests/golden/record.py [NAME ...]   # (re)records these models, or every registered one
+
+Record a new architecture once; rerecord an existing one only for a change that is meant to alter its
+training, and say so in the commit.
 
 `tests/test_models.py::test_twenty_step_losses_are_unchanged` compares the current code against the file.
 """
@@ -40,7 +43,9 @@ def twenty_step_losses(name: str, cache_dir: str) -> list[float]:
 
 if __name__ == '__main__':
   import models
+  names = sys.argv[1:] or models.names()
+  golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
   with tempfile.TemporaryDirectory() as cache:
-    golden = {name: twenty_step_losses(name, cache) for name in models.names()}
-  GOLDEN.write_text(json.dumps(golden, indent=1) + '\n')
-  print(f'wrote {GOLDEN}: {", ".join(golden)}')
+    golden.update({name: twenty_step_losses(name, cache) for name in names})
+  GOLDEN.write_text(json.dumps(dict(sorted(golden.items())), indent=1) + '\n')
+  print(f'wrote {GOLDEN}: {", ".join(names)}')
