@@ -230,8 +230,9 @@ class ByT5(LanguageModel):
   def setup(self):
     dtype = jnp.dtype(self.dtype)
     self.embed = layers.Embed(self.vocab_size, self.d_model, dtype=dtype, embedding_init=nn.initializers.normal(1.0))
-    bias = lambda bidirectional: layers.RelativePositionBias(self.num_heads, bidirectional, self.num_buckets,
-                                                             self.max_distance)
+    bias = lambda bidirectional: layers.RelativePositionBias(
+        num_heads=self.num_heads, bidirectional=bidirectional, num_buckets=self.num_buckets,
+        max_distance=self.max_distance)
     self.encoder_bias, self.decoder_bias = bias(True), bias(False)
     # Encoder and decoder loop over their layers themselves: the gate splits the encoder in two, and every
     # layer returns score penalties; the remat policy is the shared one.
@@ -248,7 +249,7 @@ class ByT5(LanguageModel):
     self.readout = layers.dense(self.vocab_size, ('embed', 'vocab'), use_bias=False, dtype=dtype,
                                 kernel_init=readout_init)
     if self.deletion == 'gate':
-      self.gate = DeleteGate(self.gate_scale, self.gate_bias_init, self.gate_kernel_init)
+      self.gate = DeleteGate(scale=self.gate_scale, bias_init=self.gate_bias_init, kernel_init=self.gate_kernel_init)
       # The controller's state: steps seen (for the delay), the EMA'd proportional term, the integral.
       self.controller_step = self.variable('controller', 'step', lambda: jnp.zeros((), jnp.int32))
       self.controller_terms = self.variable('controller', 'terms', lambda: jnp.zeros((2,)))
