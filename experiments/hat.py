@@ -1,9 +1,9 @@
 """HAT against a compute-matched BPE Transformer and a flat byte Transformer on WikiText-2, clean and
 under perturbation (the spec's §1.5).
 
-  python -m experiments.hat --shape tiny [--eval_batches 40]
+  python -m experiments.hat --shape tiny [--eval_batches 40] [--override key=value ...]
 
-1. Trains experiments/configs/hat.py:SHAPE,{hat,byte,bpe} in runs/hat-SHAPE/ROW (a finished run is only
+1. Trains experiments/configs/hat.py:SHAPE,{hat,bpe,byte} in runs/hat-SHAPE/ROW (a finished run is only
    evaluated). The BPE row's depth is chosen here: the one whose FLOPs per byte (flops_per_token over
    the measured bytes per token of the train split) come closest to HAT's. HAT's FLOPs are counted as
    executed, every padded word slot included (`HAT.forward_flops_per_token`).
@@ -11,18 +11,18 @@ under perturbation (the spec's §1.5).
    each character independently with probability 0.1 is swapped with another of the word's characters
    (permute), replaced by a random letter (replace) or deleted (delete); ALL CAPS (upper); each letter's
    case drawn at random (random_case). Whitespace is never touched.
-3. Evaluates every model on the first `eval_batches` batches of each copy: bits per byte (of that copy's
-   bytes) and word accuracy. Words are those of HAT's splitter (whitespace rule, 16-byte cap). HAT's word
-   is right when the argmax predicts all its bytes and the closing [W]; a flat model's when the argmax
-   predicts every token overlapping the word's bytes (the spec's rule for the BPE baseline).
+3. Evaluates every model on the first `eval_batches` batches of each copy (a probe of the trained runs):
+   bits per byte (of that copy's bytes) and word accuracy. Words are those of HAT's splitter (whitespace
+   rule, 16-byte cap). HAT's word is right when the argmax predicts all its bytes and the closing [W]; a
+   flat model's when the argmax predicts every token overlapping the word's bytes (the spec's rule for
+   the BPE baseline).
 Writes results/hat-SHAPE.{md,json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import functools
 import os
 import pathlib
 import re
@@ -62,6 +62,7 @@ def perturb(text: str, kind: str, rng: np.random.Generator, p: float = 0.1) -> s
   return ''.join(out)
 
 
+@functools.cache
 def perturbed_dirs(root: str) -> dict[str, str]:
   """Copies of the corpus directory whose valid.txt is perturbed (train and test link to the originals)."""
   dirs = {'clean': str(SOURCE.resolve())}
@@ -133,109 +134,101 @@ def flat_word_accuracy(setup, state, max_batches: int, word_cap: int) -> float:
   return right / max(total, 1)
 
 
-def evaluate_all(workdirs: dict[str, str], dirs: dict[str, str], max_batches: int, word_cap: int) -> dict:
-  from train import config as config_lib, restore
+def perturbed_eval(row: dict, root: str, max_batches: int, word_cap: int) -> dict:
+  """Condition (clean or a perturbation) -> bits per byte and word accuracy on that copy of the validation text."""
   results = {}
-  for row, workdir in workdirs.items():
-    for condition, directory in dirs.items():
-      config = config_lib.load_workdir_config(workdir)
-      config.data.dir = directory
-      setup, state = restore.load_run(config, workdir)
-      ev = setup.evaluate(setup.make_eval_step(), state['params'], state['model_state'], 'valid', max_batches)
-      if row != 'hat':
-        ev['accuracy'] = flat_word_accuracy(setup, state, max_batches, word_cap)
-      results.setdefault(row, {})[condition] = {'bpb': ev['bpb'], 'word_accuracy': ev['accuracy']}
-      print(f'{row} {condition}: bpb {ev["bpb"]:.3f}, word accuracy {ev["accuracy"]:.3f}', flush=True)
+  for condition, directory in perturbed_dirs(root).items():
+    setup, state = runner.load_run(row['workdir'], data={'dir': directory})
+    ev = setup.evaluate(setup.make_eval_step(), state['params'], state['model_state'], 'valid', max_batches)
+    if row['name'] != 'hat':
+      ev['accuracy'] = flat_word_accuracy(setup, state, max_batches, word_cap)
+    results[condition] = {'bpb': ev['bpb'], 'word_accuracy': ev['accuracy']}
+    print(f'{row["name"]} {condition}: bpb {ev["bpb"]:.3f}, word accuracy {ev["accuracy"]:.3f}', flush=True)
   return results
 
 
-def plot(result: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
+def flops_per_byte(row: dict, bytes_per_token: float) -> dict:
+  """Training FLOPs per byte of text: per token over the row's bytes per token (1 for byte-level rows)."""
+  return {'flops_per_byte': row['train_flops'] / row['train_tokens'] / bytes_per_token,
+          'bytes_per_token': bytes_per_token}
+
+
+def plot(rows: list[dict]):
   import matplotlib.pyplot as plt
+  results = runner.probed(rows, 'perturbed')
+  if not results:
+    return None
   fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-  rows = list(result['eval'])
-  width = 0.8 / len(rows)
-  for k, row in enumerate(rows):
-    clean = result['eval'][row]['clean']
+  width = 0.8 / len(results)
+  for k, (name, e) in enumerate(results.items()):
     xs = np.arange(len(PERTURBATIONS)) + k * width
-    axes[0].bar(xs, [result['eval'][row][p]['bpb'] / clean['bpb'] - 1 for p in PERTURBATIONS], width, label=row)
-    axes[1].bar(xs, [result['eval'][row][p]['word_accuracy'] / clean['word_accuracy'] - 1 for p in PERTURBATIONS],
-                width, label=row)
+    axes[0].bar(xs, [e[p]['bpb'] / e['clean']['bpb'] - 1 for p in PERTURBATIONS], width, label=name)
+    axes[1].bar(xs, [e[p]['word_accuracy'] / e['clean']['word_accuracy'] - 1 for p in PERTURBATIONS], width,
+                label=name)
   for ax, label in zip(axes, ('relative bpb increase', 'relative word accuracy change')):
     ax.set_xticks(np.arange(len(PERTURBATIONS)) + 0.4 - width / 2, PERTURBATIONS)
     ax.set(ylabel=label)
     ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  return fig
 
 
-def render(shape: str, result: dict) -> str:
-  lines = [f'# HAT against BPE and byte Transformers under perturbation, {shape}', '',
-           f'Produced by `python -m experiments.hat --shape {shape}` on {result["hardware"]}, {result["date"]}, '
-           f'commit {result["commit"]}. WikiText-2 (`../shared/data/wikitext-2`), every row on windows of the same '
-           f'text (512 bytes, or 128 BPE tokens of {result["bytes_per_token"]:.2f} bytes each on average). The BPE '
-           f'row\'s depth ({result["bpe_layers"]} layers) is the one closest to HAT\'s FLOPs per byte, HAT counted '
-           'as executed (every padded word slot); the byte row is a flat byte Transformer of the backbone\'s width '
-           'and depth. train time: compilation and steps, from the run\'s metrics.', '', '## Training', '']
-  lines += runner.table(
-      ['row', 'params', 'non-embedding params', 'GFLOPs per byte (train)', 'steps', 'valid bpb', 'test bpb',
-       'tokens/s', 'train time s'],
-      [[r['name'], r['params'], r['non_embedding_params'], round(result['flops_per_byte'][r['name']] / 1e9, 4),
-        r['steps'], r['valid_bpb'], r['test_bpb'], r['tokens_per_sec'], r['train_time_s']]
-       for r in result['trained']])
+def sections(rows: list[dict], eval_batches: int) -> list[str]:
+  lines = ['## Training FLOPs per byte', '']
+  lines += runner.table(['row', 'bytes per token', 'GFLOPs per byte (train)'],
+                        [[name, round(f['bytes_per_token'], 3), round(f['flops_per_byte'] / 1e9, 4)]
+                         for name, f in runner.probed(rows, 'flops_per_byte').items()])
+  results = runner.probed(rows, 'perturbed')
   conditions = ['clean', *PERTURBATIONS]
-  for metric, title in (('bpb', 'Bits per byte'), ('word_accuracy', 'Word accuracy')):
-    lines += ['', f'## {title} on the validation text, clean and perturbed (first {result["eval_batches"]} '
-              'batches)', '']
+  for metric, title in (('bpb', 'Bits per byte'), ('word_accuracy', 'Word accuracy')) if results else ():
+    lines += ['', f'## {title} on the validation text, clean and perturbed (first {eval_batches} batches)', '']
     lines += runner.table(['row', *conditions],
-                          [[row, *(round(result['eval'][row][c][metric], 4) for c in conditions)]
-                           for row in result['eval']])
-  lines += ['', '## Relative change from clean (bpb up, word accuracy down)', '']
-  lines += runner.table(['row', *(f'{p} bpb' for p in PERTURBATIONS), *(f'{p} acc' for p in PERTURBATIONS)],
-                        [[row, *(f'{e[p]["bpb"] / e["clean"]["bpb"] - 1:+.1%}' for p in PERTURBATIONS),
-                          *(f'{e[p]["word_accuracy"] / max(e["clean"]["word_accuracy"], 1e-9) - 1:+.1%}'
-                            for p in PERTURBATIONS)]
-                         for row, e in result['eval'].items()])
-  lines += ['', '## Commands', ''] + [f'- `{r["command"]}`' for r in result['trained']]
-  lines += ['', f'![robustness](hat-{shape}.png)']
-  return '\n'.join(lines) + '\n'
+                          [[name, *(round(e[c][metric], 4) for c in conditions)] for name, e in results.items()])
+  if results:
+    lines += ['', '## Relative change from clean (bpb up, word accuracy down)', '']
+    lines += runner.table(['row', *(f'{p} bpb' for p in PERTURBATIONS), *(f'{p} acc' for p in PERTURBATIONS)],
+                          [[name, *(f'{e[p]["bpb"] / e["clean"]["bpb"] - 1:+.1%}' for p in PERTURBATIONS),
+                            *(f'{e[p]["word_accuracy"] / max(e["clean"]["word_accuracy"], 1e-9) - 1:+.1%}'
+                              for p in PERTURBATIONS)]
+                           for name, e in results.items()])
+  return lines
+
+
+def declare(shape: str, runs: str, eval_batches: int) -> runner.Experiment:
+  """The rows, with the BPE row's depth matched to HAT's FLOPs per byte (this trains the BPE tokenizer)."""
+  from experiments.configs import hat as hat_configs
+  from train import config as config_lib
+  experiment = f'hat-{shape}'
+  hat_config = hat_configs.get_config(f'{shape},hat')
+  hat_flops = config_lib.build_model(hat_config, vocab_size=258).flops_per_token(hat_config.train.seq_len)
+  layers, bytes_per_token = bpe_depth(runner.row_workdir(runs, experiment, 'bpe'), shape, hat_flops)
+  root = os.path.abspath(runner.row_workdir(runs, experiment, 'perturbed'))
+
+  def row(name: str, bytes_per_token: float, overrides: tuple[str, ...] = ()) -> runner.Row:
+    probes = {'flops_per_byte': functools.partial(flops_per_byte, bytes_per_token=bytes_per_token),
+              'perturbed': functools.partial(perturbed_eval, root=root, max_batches=eval_batches,
+                                             word_cap=hat_config.model.max_word_bytes)}
+    return runner.Row(name, f'{CONFIG}:{shape},{name}', overrides, probes=probes)
+
+  rows = [row('hat', 1.0), row('bpe', bytes_per_token, (f'model.num_layers={layers}',)), row('byte', 1.0)]
+  description = (
+      'WikiText-2 (`../shared/data/wikitext-2`), every row on windows of the same text (512 bytes, or 128 BPE tokens '
+      f'of {bytes_per_token:.2f} bytes each on average). The BPE row\'s depth ({layers} layers) is the one closest to '
+      'HAT\'s FLOPs per byte, HAT counted as executed (every padded word slot); the byte row is a flat byte '
+      'Transformer of the backbone\'s width and depth. The perturbed copies of the validation text: ' +
+      ', '.join(PERTURBATIONS) + ' (see experiments/hat.py).')
+  return runner.Experiment(experiment, rows, title=f'HAT against BPE and byte Transformers under perturbation, {shape}',
+                           description=description, eval_batches=eval_batches,
+                           sections=functools.partial(sections, eval_batches=eval_batches), plots={'': plot})
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--shape', default='tiny')
   parser.add_argument('--eval_batches', type=int, default=40)
-  parser.add_argument('--runs', default='runs')
-  parser.add_argument('--results', default='results')
+  runner.add_arguments(parser)
   args = parser.parse_args()
-  from experiments.configs import hat as hat_configs
-  from train import config as config_lib
-  root = os.path.abspath(os.path.join(args.runs, f'hat-{args.shape}'))
-  workdirs = {row: os.path.join(root, row) for row in hat_configs.ROWS}
-  hat_config = hat_configs.get_config(f'{args.shape},hat')
-  hat_model = config_lib.build_model(hat_config, vocab_size=258)
-  flops = {'hat': hat_model.flops_per_token(hat_config.train.seq_len)}
-  layers, bytes_per_token = bpe_depth(workdirs['bpe'], args.shape, flops['hat'])
-  overrides = {'hat': [], 'byte': [], 'bpe': [f'model.num_layers={layers}']}
-  result = {'commit': runner.git_commit(), 'hardware': runner.hardware(), 'date': datetime.date.today().isoformat(),
-            'eval_batches': args.eval_batches, 'bpe_layers': layers, 'bytes_per_token': bytes_per_token}
-  result['trained'] = [runner.train_and_evaluate(f'{CONFIG}:{args.shape},{row}', workdirs[row], overrides[row],
-                                                 name=row, max_batches=args.eval_batches) for row in workdirs]
-  for r in result['trained']:
-    if r['name'] != 'hat':
-      per_token = r['train_flops'] / r['train_tokens']
-      flops[r['name']] = per_token / (bytes_per_token if r['name'] == 'bpe' else 1.0)
-  result['flops_per_byte'] = flops
-  dirs = perturbed_dirs(os.path.join(root, 'perturbed'))
-  result['eval'] = evaluate_all(workdirs, dirs, args.eval_batches, hat_config.model.max_word_bytes)
-  os.makedirs(args.results, exist_ok=True)
-  with open(os.path.join(args.results, f'hat-{args.shape}.json'), 'w') as f:
-    json.dump(result, f, indent=1)
-  plot(result, os.path.join(args.results, f'hat-{args.shape}.png'))
-  with open(os.path.join(args.results, f'hat-{args.shape}.md'), 'w') as f:
-    f.write(render(args.shape, result))
-  print(render(args.shape, result))
+  runner.run_experiment(declare(args.shape, args.runs, args.eval_batches), runs=args.runs, results=args.results,
+                        overrides=args.override)
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@ passkey test, and memory against evaluation length.
 
   python -m experiments.landmark --shape tiny [--eval_tokens 65536] [--passkey_prompts 50]
                                  [--passkey_lengths 1024,2048,...] [--skip_long_eval] [--skip_passkey]
+                                 [--override key=value ...]
 
 1. Trains experiments/configs/landmark.py:SHAPE,{landmark,baseline} in runs/landmark-SHAPE/ROW (a finished
    run is only evaluated) and evaluates both at their training window.
@@ -14,16 +15,13 @@ passkey test, and memory against evaluation length.
    produce). The landmark model reads the whole prompt through its cache (ℓ_local 250, k 4, all blocks
    kept); the baseline sees the last 512 bytes, its training window.
 4. Peak memory of one sequence's evaluation forward: XLA's compile-time estimate (arguments + temporaries).
-Writes results/landmark-SHAPE.{md,json,png}.
+2-4 are probes of the trained runs. Writes results/landmark-SHAPE.{md,json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import sys
+import functools
 
 import numpy as np
 
@@ -40,37 +38,39 @@ LONG_EVAL = [
 ]
 PASSKEY_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 MEMORY_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+RETRIEVAL = dict(inference='cached', local_len=250, mem_blocks=4, topk=4)   # passkey: every block kept (below)
+# How each row reads a passkey prompt: the landmark model all of it through its cache, the baseline its window.
+PASSKEY_READS = {'landmark': dict(overrides=RETRIEVAL, window=None), 'baseline': dict(overrides={}, window=512)}
+PASSKEY_LABELS = {'landmark': 'landmark (cached, k=4)', 'baseline': 'baseline (last 512 bytes)'}
+DESCRIPTION = (
+    'Byte-level Gutenberg books (whole books held out); the landmark model trains on windows of 502 bytes (512 '
+    'positions with its 10 landmarks), the baseline (the same model without landmarks) on 512 bytes. 10% of the '
+    'training windows of both are synthetic passkey sequences (`data.passkey_fraction=0.1`, a deviation from the '
+    'paper that the spec allows). The metrics table evaluates both at their training window.')
 
 
-def cached_flags(options) -> list[str]:
-  local, blocks, k = options
-  return ['--config.model.inference=cached', f'--config.model.local_len={local}',
-          f'--config.model.mem_blocks={blocks}', f'--config.model.topk={k}']
+def long_eval(row: dict, eval_tokens: int) -> list[dict]:
+  """Bits per byte on the first `eval_tokens` validation bytes at each of the row's Table 1 lengths."""
+  out = []
+  for length, _, options in (entry for entry in LONG_EVAL if entry[1] == row['name']):
+    batch = max(1, 8192 // length)
+    overrides = [f'train.seq_len={length}', f'train.batch_size={batch}']
+    if options:
+      local, blocks, k = options
+      overrides += ['model.inference=cached', f'model.local_len={local}', f'model.mem_blocks={blocks}',
+                    f'model.topk={k}']
+    result = runner.evaluate(row['workdir'], max_batches=max(1, eval_tokens // (batch * length)), overrides=overrides)
+    out.append({'length': length, 'options': options, 'bpb': result['bpb'], 'tokens': result['tokens'],
+                'overrides': overrides})
+  return out
 
 
-def long_eval(workdir: str, length: int, options, eval_tokens: int) -> dict:
-  batch = max(1, 8192 // length)
-  batches = max(1, eval_tokens // (batch * length))
-  cmd = [sys.executable, '-m', 'train.evaluate', '--workdir', workdir, '--split', 'valid', '--max_batches',
-         str(batches), f'--config.train.seq_len={length}', f'--config.train.batch_size={batch}',
-         *(cached_flags(options) if options else [])]
-  result = json.loads(runner.run(cmd).strip().splitlines()[-1])
-  return {'bpb': result['bpb'], 'tokens': result['tokens'], 'command': ' '.join(cmd[1:])}
-
-
-def load(workdir: str, overrides: dict):
-  from train import config as config_lib, restore
-  config = config_lib.load_workdir_config(workdir)
-  config.model.update(overrides)
-  return restore.load_run(config, workdir)
-
-
-def passkey_accuracy(workdir: str, lengths, n_prompts: int, overrides: dict, window: int | None) -> dict:
+def passkey_accuracy(row: dict, lengths, n_prompts: int, overrides: dict, window: int | None) -> dict:
   """Share of prompts whose key the model's argmax reproduces (then stops), per length."""
   import jax
 
   from train import passkey
-  setup, state = load(workdir, overrides)
+  setup, state = runner.load_run(row['workdir'], model=overrides)
   tokenizer, params = setup.dataset.tokenizer, state['params']
   digits = set(tokenizer.encode_prompt('0123456789').tolist())
   accuracy = {}
@@ -89,15 +89,15 @@ def passkey_accuracy(workdir: str, lengths, n_prompts: int, overrides: dict, win
         encoded = [(np.concatenate([q, a])[-window:][:-len(a)], a) for q, a in encoded]
       width = max(len(q) + len(a) for q, a in encoded)
       tokens = np.zeros((len(encoded), width), np.int32)
-      for row, (q, a) in enumerate(encoded):
-        tokens[row, :len(q) + len(a)] = np.concatenate([q, a])
+      for i, (q, a) in enumerate(encoded):
+        tokens[i, :len(q) + len(a)] = np.concatenate([q, a])
       predicted = np.asarray(forward(params, tokens))
-      for row, (q, a) in enumerate(encoded):
-        guess = predicted[row, len(q) - 1:len(q) + len(a)]   # the key's digits, then what follows it
+      for i, (q, a) in enumerate(encoded):
+        guess = predicted[i, len(q) - 1:len(q) + len(a)]   # the key's digits, then what follows it
         correct += bool((guess[:-1] == a).all() and guess[-1] not in digits)
     accuracy[str(length)] = correct / n_prompts   # string keys, as they come back from the JSON file
-    print(f'passkey {workdir} {length}: {correct / n_prompts:.2f}', flush=True)
-  return accuracy
+    print(f'passkey {row["name"]} {length}: {correct / n_prompts:.2f}', flush=True)
+  return {'prompts': n_prompts, 'accuracy': accuracy}
 
 
 def memory_mb(workdir: str, length: int, overrides: dict) -> float:
@@ -106,9 +106,7 @@ def memory_mb(workdir: str, length: int, overrides: dict) -> float:
   import jax.numpy as jnp
 
   from train import config as config_lib, metrics
-  config = config_lib.load_workdir_config(workdir)
-  config.model.update(overrides)
-  model = config_lib.build_model(config, vocab_size=257)
+  model = config_lib.build_model(runner.load_config(workdir, model=overrides), vocab_size=257)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
   compiled = jax.jit(lambda p, t: model.apply({'params': p}, t)[0]).lower(
       params, jax.ShapeDtypeStruct((1, length), jnp.int32)).compile()
@@ -116,70 +114,97 @@ def memory_mb(workdir: str, length: int, overrides: dict) -> float:
   return estimate / 2 ** 20 if estimate else float('nan')
 
 
-def plot(result: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
+def memory_curves(row: dict) -> dict:
+  """Curve label -> {length: MB}: the landmark model cached (all blocks kept, or 80), the baseline in full."""
+  curves = ({'landmark cached (ℓ_local 250, all blocks kept)': lambda n: {**RETRIEVAL, 'mem_blocks': n // 50 + 1},
+             'landmark cached (ℓ_local 250, 80 blocks kept)': lambda n: {**RETRIEVAL, 'mem_blocks': 80}}
+            if row['name'] == 'landmark' else {'baseline full attention': lambda n: {}})
+  return {label: {str(n): memory_mb(row['workdir'], n, options(n)) for n in MEMORY_LENGTHS}
+          for label, options in curves.items()}
+
+
+def memory_of(rows: list[dict]) -> dict:
+  """Curve label -> {length: MB}, over every row's memory probe."""
+  return {label: curve for curves in runner.probed(rows, 'memory_mb').values() for label, curve in curves.items()}
+
+
+def passkey_of(rows: list[dict]) -> dict:
+  """Curve label -> {length: accuracy}, over every row's passkey probe."""
+  return {PASSKEY_LABELS[name]: p['accuracy'] for name, p in runner.probed(rows, 'passkey').items()}
+
+
+def plot(rows: list[dict]):
   import matplotlib.pyplot as plt
+  memory, passkey = memory_of(rows), passkey_of(rows)
+  if not memory and not passkey:
+    return None
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  for name, curve in result['memory_mb'].items():
-    xs = sorted(int(x) for x in curve)
-    axes[0].plot(xs, [curve[str(x)] for x in xs], marker='o', label=name)
+  for ax, curves in zip(axes, (memory, passkey)):
+    for name, curve in curves.items():
+      xs = sorted(int(x) for x in curve)
+      ax.plot(xs, [curve[str(x)] for x in xs], marker='o', label=name)
+    ax.legend()
   axes[0].set(xscale='log', yscale='log', xlabel='evaluation length (bytes)', ylabel='peak memory (MB, XLA estimate)',
               title='memory of one evaluation forward')
-  for name, curve in result.get('passkey', {}).items():
-    xs = sorted(int(x) for x in curve)
-    axes[1].plot(xs, [curve[str(x)] for x in xs], marker='o', label=name)
   axes[1].set(xscale='log', xlabel='prompt length (bytes)', ylabel='passkey accuracy', ylim=(-0.05, 1.05),
               title='passkey retrieval')
-  for ax in axes:
-    ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  return fig
 
 
-def render(shape: str, result: dict) -> str:
-  trained = result['trained']
-  lines = [f'# Landmark attention, {shape}', '',
-           f'Produced by `python -m experiments.landmark --shape {shape}` on {result["hardware"]}, '
-           f'{result["date"]}, commit {result["commit"]}. Byte-level Gutenberg books (whole books held out); '
-           'the landmark model trains on windows of 502 bytes (512 positions with its 10 landmarks), the '
-           'baseline (the same model without landmarks) on 512 bytes. 10% of the training windows of both are '
-           'synthetic passkey sequences (`data.passkey_fraction=0.1`, a deviation from the paper that the '
-           'spec allows).', '', '## Training', '',
-           'train time: compilation and steps, from the run\'s own metrics (evaluation excluded).', '']
-  lines += runner.table(['row', 'params', 'steps', 'train tokens', 'valid bpb (training window)', 'test bpb',
-                         'tok/s', 'train time s'],
-                        [[r['name'], r['params'], r['steps'], r['train_tokens'], r['valid_bpb'], r['test_bpb'],
-                          r['tokens_per_sec'], r['train_time_s']] for r in trained])
-  lines += ['', '## Bits per byte against evaluation length (the shape of the paper\'s Table 1)', '',
-            f'The first {result["eval_tokens"]:,} bytes of the held-out book, cut into segments of the evaluation '
-            'length, every byte scored. Attention size: regular keys a query can read, ℓ_local + k x 50 (the paper '
-            'also counts some landmark keys); the baseline '
-            'beyond 512 attends the whole segment with RoPE positions it never saw in training.', '']
-  rows = []
-  for r in result['long_eval']:
-    options = r['options']
-    size = r['length'] if not options else options[0] + options[2] * 50
-    rows.append([r['length'], r['row'], *(options or ['full', '', '']), size, r['bpb']])
-  lines += runner.table(['eval length', 'model', 'ℓ_local', 'blocks kept', 'k', 'attention size', 'valid bpb'], rows)
-  if result.get('passkey'):
-    names = list(result['passkey'])
-    lengths = sorted({int(x) for curve in result['passkey'].values() for x in curve})
-    lines += ['', f'## Passkey retrieval ({result["passkey_prompts"]} prompts per length)', '',
+def curve_table(curves: dict) -> list[str]:
+  lengths = sorted({int(x) for curve in curves.values() for x in curve})
+  return runner.table(['model', *map(str, lengths)],
+                      [[label, *(curve.get(str(x)) for x in lengths)] for label, curve in curves.items()])
+
+
+def sections(rows: list[dict]) -> list[str]:
+  lines = []
+  evals = {(e['length'], name, tuple(e['options'] or ())): e
+           for name, entries in runner.probed(rows, 'long_eval').items() for e in entries}
+  if evals:
+    lines += ['## Bits per byte against evaluation length (the shape of the paper\'s Table 1)', '',
+              f'The first {max(e["tokens"] for e in evals.values()):,} bytes of the held-out book, cut into segments '
+              'of the evaluation length, every byte scored (`python -m train.evaluate --config.train.seq_len=L '
+              '--config.train.batch_size=max(1, 8192 // L)`, with `--config.model.inference=cached` and the options '
+              'for the landmark rows). Attention size: regular keys a query can read, ℓ_local + k x 50 (the paper '
+              'also counts some landmark keys); the baseline beyond 512 attends the whole segment with RoPE positions '
+              'it never saw in training.', '']
+    body = []
+    for length, name, options in LONG_EVAL:
+      entry = evals.get((length, name, tuple(options or ())))
+      if entry:
+        size = length if not options else options[0] + options[2] * 50
+        body.append([length, name, *(options or ['full', '', '']), size, entry['bpb']])
+    lines += runner.table(['eval length', 'model', 'ℓ_local', 'blocks kept', 'k', 'attention size', 'valid bpb'],
+                          body)
+  passkey = passkey_of(rows)
+  if passkey:
+    prompts = next(iter(runner.probed(rows, 'passkey').values()))['prompts']
+    lines += ['', f'## Passkey retrieval ({prompts} prompts per length)', '',
               'Accuracy: the argmax continuation of the prompt is exactly the key. Landmark: ℓ_local 250, k 4 per '
-              'token and head, every block kept. Baseline: the last 512 bytes of the prompt.', '']
-    lines += runner.table(['model', *map(str, lengths)], [[n, *(result['passkey'][n].get(str(x)) for x in lengths)]
-                                                for n in names])
-  lines += ['', '## Peak memory of one evaluation forward (MB, XLA compile-time estimate)', '']
-  names = list(result['memory_mb'])
-  lengths = sorted({int(x) for curve in result['memory_mb'].values() for x in curve})
-  lines += runner.table(['model', *map(str, lengths)], [[n, *(result['memory_mb'][n].get(str(x)) for x in lengths)]
-                                              for n in names])
-  lines += ['', '## Commands', '']
-  lines += [f'- `{r["command"]}`' for r in trained]
-  lines += [f'- `python {r["command"]}`' for r in result['long_eval'][:3]] + ['- (and so on for every row)']
-  lines += ['', f'![memory and passkey](landmark-{shape}.png)']
-  return '\n'.join(lines) + '\n'
+              'token and head, every block kept. Baseline: the last 512 bytes of the prompt.', '',
+              *curve_table(passkey)]
+  memory = memory_of(rows)
+  if memory:
+    lines += ['', '## Peak memory of one evaluation forward (MB, XLA compile-time estimate)', '', *curve_table(memory)]
+  return lines
+
+
+def declare(args) -> runner.Experiment:
+  lengths = [int(x) for x in args.passkey_lengths.split(',')]
+  rows = []
+  for name in ('landmark', 'baseline'):
+    probes = {}
+    if not args.skip_long_eval:
+      probes['long_eval'] = functools.partial(long_eval, eval_tokens=args.eval_tokens)
+    if not args.skip_passkey:
+      probes['passkey'] = functools.partial(passkey_accuracy, lengths=lengths, n_prompts=args.passkey_prompts,
+                                            **PASSKEY_READS[name])
+    probes['memory_mb'] = memory_curves
+    rows.append(runner.Row(name, f'{CONFIG}:{args.shape},{name}', probes=probes))
+  return runner.Experiment(f'landmark-{args.shape}', rows, title=f'Landmark attention, {args.shape}',
+                           description=DESCRIPTION, eval_batches=args.eval_batches, sections=sections,
+                           plots={'': plot})
 
 
 def main():
@@ -191,45 +216,9 @@ def main():
   parser.add_argument('--passkey_lengths', default=','.join(map(str, PASSKEY_LENGTHS)))
   parser.add_argument('--skip_long_eval', action='store_true')
   parser.add_argument('--skip_passkey', action='store_true')
-  parser.add_argument('--runs', default='runs')
-  parser.add_argument('--results', default='results')
+  runner.add_arguments(parser)
   args = parser.parse_args()
-  os.makedirs(args.results, exist_ok=True)
-  path = os.path.join(args.results, f'landmark-{args.shape}.json')
-  result = json.load(open(path)) if os.path.exists(path) else {}
-  workdirs = {row: os.path.abspath(os.path.join(args.runs, f'landmark-{args.shape}', row))
-              for row in ('landmark', 'baseline')}
-  result.update(eval_tokens=args.eval_tokens, commit=runner.git_commit(), hardware=runner.hardware(),
-                date=datetime.date.today().isoformat(), passkey_prompts=args.passkey_prompts)
-  result['trained'] = [runner.train_and_evaluate(f'{CONFIG}:{args.shape},{row}', workdir, [], name=row,
-                                                 max_batches=args.eval_batches) for row, workdir in workdirs.items()]
-  save = lambda: json.dump(result, open(path, 'w'), indent=1)
-  save()
-  if not args.skip_long_eval:
-    result['long_eval'] = [{'length': length, 'row': row, 'options': options,
-                            **long_eval(workdirs[row], length, options, args.eval_tokens)}
-                           for length, row, options in LONG_EVAL]
-    save()
-  retrieval = dict(inference='cached', local_len=250, mem_blocks=4, topk=4)   # passkey: every block kept
-  if not args.skip_passkey:
-    lengths = [int(x) for x in args.passkey_lengths.split(',')]
-    result['passkey'] = {
-        'landmark (cached, k=4)': passkey_accuracy(workdirs['landmark'], lengths, args.passkey_prompts, retrieval,
-                                                   None),
-        'baseline (last 512 bytes)': passkey_accuracy(workdirs['baseline'], lengths, args.passkey_prompts, {},
-                                                      512)}
-    save()
-  result['memory_mb'] = {
-      'landmark cached (ℓ_local 250, all blocks kept)': {
-          str(n): memory_mb(workdirs['landmark'], n, {**retrieval, 'mem_blocks': n // 50 + 1}) for n in MEMORY_LENGTHS},
-      'landmark cached (ℓ_local 250, 80 blocks kept)': {
-          str(n): memory_mb(workdirs['landmark'], n, {**retrieval, 'mem_blocks': 80}) for n in MEMORY_LENGTHS},
-      'baseline full attention': {str(n): memory_mb(workdirs['baseline'], n, {}) for n in MEMORY_LENGTHS}}
-  save()
-  plot(result, os.path.join(args.results, f'landmark-{args.shape}.png'))
-  with open(os.path.join(args.results, f'landmark-{args.shape}.md'), 'w') as f:
-    f.write(render(args.shape, result))
-  print(open(os.path.join(args.results, f'landmark-{args.shape}.md')).read())
+  runner.run_experiment(declare(args), runs=args.runs, results=args.results, overrides=args.override)
 
 
 if __name__ == '__main__':

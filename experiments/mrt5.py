@@ -2,6 +2,7 @@
 (the spec's §2.7).
 
   python -m experiments.mrt5 --shape tiny [--rates 0.3,0.5,0.7] [--continue_steps 200] [--eval_batches 20]
+                             [--parts vowel,span,reliance] [--override key=value ...]
 
 1. Vowel removal: trains experiments/configs/mrt5.py:SHAPE,vowel_t5 and ,vowel_mrt5 from scratch and
    reports sequence accuracy (every target byte right under teacher forcing, which is what greedy
@@ -15,17 +16,18 @@
    decoder, hard deletion, as the paper times it) and of the encoder alone (the layers before the gate,
    then the kept tokens through the rest at the bucketed length) over `eval_batches` validation
    batches, after one warm-up batch per shape.
+The vowel statistics, the soft-deletion evaluation, the runtimes and the encoder reliance are probes of
+the trained runs, run once every row is trained. `--parts` picks the vowel rows, the span rows, and/or
+`reliance` (only the encoder-reliance probe of the span rows, no training); the results keep the rest.
 Run directories: runs/mrt5-SHAPE/ROW (finished runs are only evaluated). Writes results/mrt5-SHAPE.{md,json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import functools
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -33,42 +35,26 @@ import numpy as np
 from experiments import run as runner
 
 CONFIG = 'experiments/configs/mrt5.py'
-
-
-def evaluate(workdir: str, split: str, max_batches: int, *overrides: str) -> dict:
-  out = runner.run([sys.executable, '-m', 'train.evaluate', '--workdir', workdir, '--split', split, '--max_batches',
-                    str(max_batches), *[f'--config.{o}' for o in overrides]])
-  return json.loads(out.strip().splitlines()[-1])
-
-
-def train(shape: str, row: str, workdir: str, overrides: list[str]) -> dict:
-  """Train one run; the command, commit and training time of its row."""
-  flags = [f'--config.{o}' for o in overrides]
-  commit = runner.git_commit()
-  runner.run([sys.executable, '-m', 'train', '--config', f'{CONFIG}:{shape},{row}', '--workdir', workdir, *flags])
-  records = runner.read_metrics(workdir)
-  return {'command': ' '.join(['python -m train', '--config', f'{CONFIG}:{shape},{row}', '--workdir', workdir, *flags]),
-          'commit': commit, 'train_time_s': round(runner.train_time_s(records)),
-          'params': records[0].get('params'), 'steps': max(r['step'] for r in records)}
+VOWEL_ROWS = ('vowel_t5', 'vowel_mrt5')
+DELETION_KINDS = ('mrt5', 'random', 'fixed')   # span rows KIND-δ continue the base, as does byt5 (no deletion)
+PARTS = ('vowel', 'span', 'reliance')
 
 
 def load(workdir: str):
   """(setup, variables, rngs) of a finished run: its latest checkpoint and fixed keys for its RNG streams."""
   import jax
-
-  from train import config as config_lib, restore
-  setup, state = restore.load_run(config_lib.load_workdir_config(workdir), workdir)
+  setup, state = runner.load_run(workdir)
   return setup, {'params': state['params'], **state['model_state']}, setup.model.stream_keys(jax.random.key(0))
 
 
-def vowel_report(workdir: str, eval_batches: int) -> dict:
+def vowel_report(row: dict, eval_batches: int) -> dict:
   """Sequence accuracy, deletion rate and the vowel share of deletions, hard and soft."""
   import jax
   import jax.numpy as jnp
 
   from models.formats.seq2seq import VOWELS
   from models.mrt5 import ByT5
-  setup, variables, rngs = load(workdir)
+  setup, variables, rngs = load(row['workdir'])
   out = {}
   for mode in ('hard', 'soft'):
     model = setup.model.clone(eval_deletion=mode)
@@ -93,14 +79,18 @@ def vowel_report(workdir: str, eval_batches: int) -> dict:
   return out
 
 
-def encoder_reliance(workdir: str, eval_batches: int) -> float:
+def soft_bpb(row: dict, eval_batches: int) -> float:
+  """Validation bits per target byte with soft deletion."""
+  return runner.evaluate(row['workdir'], max_batches=eval_batches, overrides=['model.eval_deletion=soft'])['bpb']
+
+
+def encoder_reliance(row: dict, eval_batches: int) -> float:
   """How much the model reads its encoder: the validation loss (nats per target byte, with the run's
   deletion) when each row's encoder input is swapped with the next row's, minus the loss as it is."""
   import jax
 
   from models import formats
-
-  setup, variables, rngs = load(workdir)
+  setup, variables, rngs = load(row['workdir'])
   forward = jax.jit(lambda e, d: setup.model.apply(variables, e, d, rngs=rngs)[0])
   losses, weight = np.zeros(2), 0.0
   for batch in setup.dataset.eval_batches('valid', eval_batches):
@@ -111,12 +101,12 @@ def encoder_reliance(workdir: str, eval_batches: int) -> float:
   return float(losses[1] - losses[0]) / weight
 
 
-def runtimes(workdir: str, eval_batches: int) -> dict:
+def runtimes(row: dict, eval_batches: int) -> dict:
   """Median seconds per validation batch: the evaluation forward pass, and the encoder alone."""
   import jax
 
   from models.mrt5 import ByT5, take_kept
-  setup, variables, rngs = load(workdir)
+  setup, variables, rngs = load(row['workdir'])
   model = setup.model
   forward = jax.jit(lambda e, d: model.apply(variables, e, d, rngs=rngs))
   front = jax.jit(lambda e: model.apply(variables, e, method=ByT5.encode_front, rngs=rngs))
@@ -148,28 +138,98 @@ def runtimes(workdir: str, eval_batches: int) -> dict:
   return {'forward_s': statistics.median(full), 'encoder_s': statistics.median(encoder)}
 
 
-def plot(rows: list[dict], path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
+def kind(row: dict) -> str:
+  """byt5-base, byt5 (continued) or a deletion kind: the span rows' names say it."""
+  return row['name'] if row['name'].startswith('byt5') else row['name'].split('-')[0]
+
+
+def span_table(rows: list[dict]) -> list[dict]:
+  """The span rows with everything their table and plot show (runtimes relative to the continued ByT5)."""
+  times = runner.probed(rows, 'runtimes')   # only the span rows time their runs
+  base = times.get('byt5')
+  if not base:
+    return []
+  return [{'row': r['name'], 'kind': kind(r), 'target': float(r['name'].split('-')[1]) if kind(r) in DELETION_KINDS
+           else None, 'deletion_rate': r['model_metrics'].get('mrt5/deletion_rate', 0.0), 'valid_bpb': r['valid_bpb'],
+           'valid_bpb_soft': runner.probe_value(r, 'soft'), 'test_bpb': r['test_bpb'],
+           'encoder_reliance': runner.probe_value(r, 'encoder_reliance'),
+           'encoder_length': r['model_metrics'].get('mrt5/encoder_length_fraction', 1.0),
+           'encoder_s': times[r['name']]['encoder_s'],
+           'encoder_vs_byt5': times[r['name']]['encoder_s'] / base['encoder_s'],
+           'forward_vs_byt5': times[r['name']]['forward_s'] / base['forward_s']}
+          for r in rows if r['name'] in times]
+
+
+def plot(rows: list[dict]):
   import matplotlib.pyplot as plt
+  span = span_table(rows)
+  if not span:
+    return None
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-  base = next(r for r in rows if r['kind'] == 'byt5')
-  for kind, marker in (('mrt5', 'o-'), ('random', 's--'), ('fixed', '^--')):
-    points = sorted((r['deletion_rate'], r['valid_bpb'], r['encoder_s'] / base['encoder_s']) for r in rows
-                    if r['kind'] == kind)
+  for deletion, marker in zip(DELETION_KINDS, ('o-', 's--', '^--')):
+    points = sorted((r['deletion_rate'], r['valid_bpb'], r['encoder_vs_byt5']) for r in span if r['kind'] == deletion)
     if points:
       x, bpb, runtime = zip(*points)
-      left.plot(x, bpb, marker, label=kind)
-      right.plot(x, runtime, marker, label=kind)
-  left.axhline(base['valid_bpb'], color='gray', ls=':', label='ByT5 (continued)')
-  left.set_xlabel('sequence reduction (deletion rate)')
-  left.set_ylabel('valid bits per target byte (hard deletion)')
-  right.set_xlabel('sequence reduction (deletion rate)')
-  right.set_ylabel('encoder time / ByT5 encoder time')
+      left.plot(x, bpb, marker, label=deletion)
+      right.plot(x, runtime, marker, label=deletion)
+  reference = next(r['valid_bpb'] for r in span if r['kind'] == 'byt5')
+  left.axhline(reference, color='gray', ls=':', label='ByT5 (continued)')
+  left.set(xlabel='sequence reduction (deletion rate)', ylabel='valid bits per target byte (hard deletion)')
+  right.set(xlabel='sequence reduction (deletion rate)', ylabel='encoder time / ByT5 encoder time')
   for ax in (left, right):
     ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  return fig
+
+
+def sections(rows: list[dict], continue_steps: int, continue_lr: float, eval_batches: int) -> list[str]:
+  lines = ['## Vowel removal (random letter strings; target: the string without vowels)', '',
+           'Sequence accuracy: every target byte right under teacher forcing (what greedy decoding reproduces). '
+           'Deleted-vowel share: the share of deleted input bytes that are vowels; vowels deleted: the share of '
+           'the input vowels deleted.', '']
+  lines += runner.table(['row', 'deletion', 'sequence accuracy', 'deletion rate', 'vowel share of deleted',
+                         'vowels deleted', 'vowel share of input'],
+                        [[name, mode, m['sequence_accuracy'], m['deletion_rate'], m['vowel_share_of_deleted'],
+                          m['vowels_deleted'], m['vowel_share_of_input']]
+                         for name, modes in runner.probed(rows, 'vowels').items() for mode, m in modes.items()])
+  span = span_table(rows)
+  if not span:
+    return lines + ['', 'Span corruption: not run yet (`--parts span`).']
+  base_steps = next((r['steps'] for r in rows if r['name'] == 'byt5-base'), None)
+  lines += ['', '## Span corruption on WikiText-2 bytes', '',
+            f'The ByT5 base trains {base_steps} steps; every other row continues it for {continue_steps} steps at a '
+            f'constant learning rate {continue_lr} (byt5: no deletion, the reference). Bits per byte are bits per '
+            'target byte (sentinels and eos included, as MrT5 reports them), over the first '
+            f'{eval_batches} batches of each split. Deletion rate: hard, on valid. Encoder reliance: the validation '
+            'loss with each row\'s encoder input swapped with another row\'s, minus the loss as it is (how much the '
+            'model reads its encoder at all). Encoder length: the bucketed length hard deletion runs the later '
+            'encoder layers at. Runtimes: median seconds per validation batch, relative to the continued ByT5.', '']
+  columns = {'row': 'row', 'target δ': 'target', 'deletion rate': 'deletion_rate', 'valid bpb (hard)': 'valid_bpb',
+             'valid bpb (soft)': 'valid_bpb_soft', 'test bpb (hard)': 'test_bpb',
+             'encoder reliance (nats)': 'encoder_reliance', 'encoder length': 'encoder_length',
+             'encoder time (s)': 'encoder_s', 'encoder time vs ByT5': 'encoder_vs_byt5',
+             'forward time vs ByT5': 'forward_vs_byt5'}
+  return lines + runner.table(list(columns), [[r[key] for key in columns.values()] for r in span])
+
+
+def declare(args) -> runner.Experiment:
+  name = f'mrt5-{args.shape}'
+  config = lambda row: f'{CONFIG}:{args.shape},{row}'
+  on_batches = lambda probe: functools.partial(probe, eval_batches=args.eval_batches)
+  span_probes = {'soft': on_batches(soft_bpb), 'runtimes': on_batches(runtimes),
+                 'encoder_reliance': on_batches(encoder_reliance)}
+  rows = [runner.Row(row, config(row), probes={'vowels': on_batches(vowel_report)}) for row in VOWEL_ROWS]
+  base = os.path.abspath(runner.row_workdir(args.runs, name, 'byt5-base'))
+  continued = (f'train.init_from={base}', f'train.steps={args.continue_steps}', f'train.lr={args.continue_lr}',
+               'train.warmup_steps=0', 'train.min_lr_ratio=1.0', f'train.eval_every={args.continue_steps}',
+               f'checkpoint.every={args.continue_steps}')
+  rows += [runner.Row('byt5-base', config('byt5'), probes=span_probes),
+           runner.Row('byt5', config('byt5'), continued, probes=span_probes)]
+  rows += [runner.Row(f'{deletion}-{rate}', config(deletion), (*continued, f'model.target_deletion={rate}'),
+                      probes=span_probes) for deletion in DELETION_KINDS for rate in args.rates.split(',')]
+  return runner.Experiment(name, rows, title=f'MrT5 ({args.shape})', eval_batches=args.eval_batches,
+                           sections=functools.partial(sections, continue_steps=args.continue_steps,
+                                                      continue_lr=args.continue_lr, eval_batches=args.eval_batches),
+                           plots={'': plot})
 
 
 def main():
@@ -182,99 +242,19 @@ def main():
   parser.add_argument('--parts', default='vowel,span',
                       help='vowel, span and/or reliance (only the encoder reliance of the span rows); results keep '
                            'the other parts')
-  parser.add_argument('--runs', default='runs')
-  parser.add_argument('--results', default='results')
+  runner.add_arguments(parser)
   args = parser.parse_args()
-  root = os.path.join(args.runs, f'mrt5-{args.shape}')
-  hardware, date = runner.hardware(), datetime.date.today().isoformat()
-  command = ' '.join(['python -m experiments.mrt5', *sys.argv[1:]])
-
-  stem = os.path.join(args.results, f'mrt5-{args.shape}')
-  previous = json.load(open(stem + '.json')) if os.path.exists(stem + '.json') else {}
-  parts = args.parts.split(',')
-  vowel_rows = [] if 'vowel' in parts else previous.get('vowel', [])
-  for row in ('vowel_t5', 'vowel_mrt5') if 'vowel' in parts else ():
-    workdir = os.path.join(root, row)
-    info = train(args.shape, row, workdir, [])
-    vowel_rows.append({'row': row, **info, **vowel_report(workdir, args.eval_batches)})
-
-  base_dir = os.path.abspath(os.path.join(root, 'byt5-base'))
-  continued = [f'train.init_from={base_dir}', f'train.steps={args.continue_steps}', f'train.lr={args.continue_lr}',
-               'train.warmup_steps=0', 'train.min_lr_ratio=1.0', f'train.eval_every={args.continue_steps}',
-               f'checkpoint.every={args.continue_steps}']
-  plan = [('byt5-base', 'byt5', None, []), ('byt5', 'byt5', None, continued)]   # (name, config row, δ, overrides)
-  plan += [(f'{kind}-{rate}', kind, float(rate), continued + [f'model.target_deletion={rate}'])
-           for kind in ('mrt5', 'random', 'fixed') for rate in args.rates.split(',')]
-  span_rows = [] if 'span' in parts else previous.get('span', [])
-  for name, row, rate, overrides in plan if 'span' in parts else ():
-    workdir = os.path.abspath(os.path.join(root, name))
-    info = train(args.shape, row, workdir, overrides)
-    valid = evaluate(workdir, 'valid', args.eval_batches)
-    test = evaluate(workdir, 'test', args.eval_batches)
-    soft = evaluate(workdir, 'valid', args.eval_batches, 'model.eval_deletion=soft')
-    span_rows.append({'row': name, 'kind': 'base' if name == 'byt5-base' else row, 'target': rate, **info,
-                      'valid_bpb': valid['bpb'], 'test_bpb': test['bpb'], 'valid_bpb_soft': soft['bpb'],
-                      'deletion_rate': valid.get('mrt5/deletion_rate', 0.0),
-                      'encoder_length': valid.get('mrt5/encoder_length_fraction', 1.0), 'workdir': workdir})
-  for r in span_rows if 'span' in parts else ():   # timed one after another, with no training running
-    r.update(runtimes(r['workdir'], args.eval_batches))
-  for r in span_rows if {'span', 'reliance'} & set(parts) else ():
-    r['encoder_reliance'] = encoder_reliance(r['workdir'], args.eval_batches)
-
-  os.makedirs(args.results, exist_ok=True)
-  commands = {**previous.get('commands', {}), **{part: command for part in parts}}
-  with open(stem + '.json', 'w') as f:
-    json.dump({'vowel': vowel_rows, 'span': span_rows, 'commands': commands, 'hardware': hardware, 'date': date}, f,
-              indent=1, default=float)
-  if span_rows:
-    plot(span_rows, stem + '.png')
-  with open(stem + '.md', 'w') as f:
-    f.write(render(args, vowel_rows, span_rows, commands, hardware, date, os.path.basename(stem + '.png')))
-  print(f'wrote {stem}.md')
-
-
-def render(args, vowel_rows, span_rows, commands, hardware, date, plot_name) -> str:
-  produced = ' and '.join(f'`{c}`' for c in dict.fromkeys(commands.values()))
-  lines = [f'# MrT5 ({args.shape})', '', f'Produced by {produced} on {hardware}, {date}. Every run\'s own command and '
-           'commit are in the last table.', '', '## Vowel removal (random letter strings; target: the '
-           'string without vowels)', '',
-           'Sequence accuracy: every target byte right under teacher forcing (what greedy decoding reproduces). '
-           'Deleted-vowel share: the share of deleted input bytes that are vowels; vowels deleted: the share of '
-           'the input vowels deleted.', '']
-  header = ['row', 'deletion', 'sequence accuracy', 'deletion rate', 'vowel share of deleted', 'vowels deleted',
-            'vowel share of input']
-  body = []
-  for r in vowel_rows:
-    for mode in ('hard', 'soft'):
-      m = r[mode]
-      body.append([r['row'], mode, m['sequence_accuracy'], m['deletion_rate'], m['vowel_share_of_deleted'],
-                   m['vowels_deleted'], m['vowel_share_of_input']])
-  lines += runner.table(header, body)
-  if not span_rows:
-    return '\n'.join(lines + ['', 'Span corruption: not run yet (`--parts span`).']) + '\n'
-  base = next(r for r in span_rows if r['kind'] == 'byt5')
-  lines += ['', '## Span corruption on WikiText-2 bytes', '',
-            f'The ByT5 base trains {span_rows[0]["steps"]} steps; every other row continues it for '
-            f'{args.continue_steps} steps at a constant learning rate {args.continue_lr} (byt5: no deletion, '
-            'the reference). Bits per byte are bits per target byte (sentinels and eos included, as MrT5 '
-            f'reports them), over the first {args.eval_batches} batches of each split. Deletion rate: hard, on '
-            'valid. Encoder reliance: the validation loss with each row\'s encoder input swapped with another '
-            'row\'s, minus the loss as it is (how much the model reads its encoder at all). Encoder length: the '
-            'bucketed length hard deletion runs the later encoder layers at. Runtimes: median seconds per '
-            'validation batch, relative to the continued ByT5.', '']
-  header = ['row', 'target δ', 'deletion rate', 'valid bpb (hard)', 'valid bpb (soft)', 'test bpb (hard)',
-            'encoder reliance (nats)', 'encoder length', 'encoder time (s)', 'encoder time vs ByT5',
-            'forward time vs ByT5']
-  lines += runner.table(header, [[r['row'], r.get('target'), r['deletion_rate'], r['valid_bpb'], r['valid_bpb_soft'],
-                                  r['test_bpb'], r.get('encoder_reliance'), r['encoder_length'], r['encoder_s'],
-                                  r['encoder_s'] / base['encoder_s'], r['forward_s'] / base['forward_s']]
-                                 for r in span_rows])
-  lines += ['', f'![bits per byte and encoder time against deletion rate]({plot_name})', '', '## Runs', '',
-            '| row | command | commit | params | steps | train time (s) |', '|---|---|---|---|---|---|']
-  for r in vowel_rows + span_rows:
-    lines.append(f'| {r["row"]} | `{r["command"]}` | {r["commit"]} | {runner.fmt(r["params"])} | {r["steps"]} | '
-                 f'{r["train_time_s"]} |')
-  return '\n'.join(lines) + '\n'
+  parts = set(args.parts.split(','))
+  if parts - set(PARTS):
+    parser.error(f'unknown part {sorted(parts - set(PARTS))[0]!r} (parts: {", ".join(PARTS)})')
+  experiment = declare(args)
+  span = [r.name for r in experiment.rows if r.name not in VOWEL_ROWS]
+  common = dict(runs=args.runs, results=args.results, overrides=args.override)
+  trained = [*(VOWEL_ROWS if 'vowel' in parts else ()), *(span if 'span' in parts else ())]
+  if trained:
+    runner.run_experiment(experiment, rows=trained, **common)
+  if 'reliance' in parts and 'span' not in parts:
+    runner.run_experiment(experiment, rows=span, train=False, probes={'encoder_reliance'}, **common)
 
 
 if __name__ == '__main__':

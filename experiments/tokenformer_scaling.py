@@ -1,6 +1,6 @@
 """TokenFormer progressive scaling, the shape of the paper's Table 6, in one command:
 
-  python -m experiments.tokenformer_scaling --shape tiny [--rows A,B-zeros,...]
+  python -m experiments.tokenformer_scaling --shape tiny [--rows A,B-zeros,...] [--override key=value ...]
 
 Rows (S = the shape's steps; configs from experiments/configs/tokenformer_scaling.py):
   A         the small model (n_attn = d/4) for S steps
@@ -11,106 +11,85 @@ Rows (S = the shape's steps; configs from experiments/configs/tokenformer_scalin
   D         the large model from scratch for S steps
   softmax   A with the exp+L1 activation (ablation)
   transformer  a bias-free Transformer with D's parameter count, S steps
-train_flops of the B rows is cumulative (A's compute included). Writes results/tokenformer-<shape>.{json,md,png}.
+The B rows are grown from A's last checkpoint with `python -m train.grow` (once: a grown run directory
+is trained on afterwards). train_flops in the table is each row's own; the comparison below counts A's
+compute in the grown rows. Writes results/tokenformer-<shape>.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 
 from experiments import run as runner
 
 CONFIG = 'experiments/configs/tokenformer_scaling.py'
 ROWS = ('A', 'D', 'C', 'B-zeros', 'B-random', 'softmax', 'transformer', 'B-gentle')
+GROWN = ('B-zeros', 'B-random', 'B-gentle')
+
+
+def declare(shape: str, runs: str) -> runner.Experiment:
+  from experiments.configs.tokenformer_scaling import SHAPES
+  d, steps, lr = (SHAPES[shape][key] for key in ('d_model', 'steps', 'lr'))
+  name = f'tokenformer-{shape}'
+  config = lambda row: f'{CONFIG}:{shape},{row}'
+  short = (f'train.steps={steps // 5}', f'train.eval_every={steps // 20}', f'checkpoint.every={steps // 20}')
+
+  def grown(row: str, key_init: str, overrides: tuple[str, ...] = ()) -> runner.Row:
+    grow = ('train.grow', '--from', runner.row_workdir(runs, name, 'A'), '--to', runner.row_workdir(runs, name, row),
+            '--add_tokens', str(3 * d // 4), '--key_init', key_init, *(['--pin_tau'] if key_init == 'zeros' else []))
+    return runner.Row(row, None, short + overrides, prepare=grow, note='grown from A at its last step')
+
+  rows = [runner.Row('A', config('small')), runner.Row('D', config('large')), runner.Row('C', config('large'), short),
+          grown('B-zeros', 'zeros'), grown('B-random', 'random'), runner.Row('softmax', config('softmax')),
+          runner.Row('transformer', config('transformer')), grown('B-gentle', 'zeros', (f'train.lr={lr / 4}',))]
+  description = ('A: the small model (n_attn = d/4), S steps. B-zeros, B-random, B-gentle: A grown to n_attn = d '
+                 '(zero new keys and pinned τ; random keys; zero keys at a quarter of the peak learning rate), 0.2 S '
+                 'more steps. C, D: the large model from scratch for 0.2 S and S steps. softmax: A with the exp+L1 '
+                 'activation. transformer: a bias-free Transformer with D\'s parameters, S steps. train_flops is each '
+                 'row\'s own; the comparison below counts A\'s compute in the grown rows.')
+  return runner.Experiment(name, rows, description=description, sections=summary, plots={'': plot_curves})
+
+
+def summary(rows: list[dict]) -> list[str]:
+  """The Table 6 comparison in words: each grown row against C and D, with its share of D's compute."""
+  by_name = {r['name']: r for r in rows}
+  if not {'A', 'C', 'D'} <= set(by_name):
+    return []
+  a, c, d = by_name['A'], by_name['C'], by_name['D']
+  lines = ['## Grown against scratch', '']
+  for b in (by_name[name] for name in GROWN if name in by_name):
+    flops = (b['train_flops'] + a['train_flops']) / d['train_flops']
+    lines.append(f'- {b["name"]}: valid ppl {b["valid_ppl"]:.3f} with {flops:.0%} of D\'s training FLOPs (A '
+                 f'included); D (large, S steps) {d["valid_ppl"]:.3f}, C (large, 0.2 S steps, '
+                 f'{c["train_flops"] / d["train_flops"]:.0%}) {c["valid_ppl"]:.3f}. B closes '
+                 f'{(a["valid_ppl"] - b["valid_ppl"]) / (a["valid_ppl"] - d["valid_ppl"]):.0%} of the gap from A to D.')
+  return lines
+
+
+def plot_curves(rows: list[dict]):
+  """Training loss against step, the grown rows continuing from A's last step (marked)."""
+  growth = next((r['steps'] for r in rows if r['name'] == 'A'), 0)
+  fig = runner.plot_curves(rows, step_offsets=dict.fromkeys(GROWN, growth))
+  if fig:
+    ax = fig.axes[0]
+    ax.axvline(growth, color='gray', ls=':', label='growth (end of A)')
+    ax.set(xlabel='step (grown rows continue from A)', ylabel='loss (nats/byte)', ylim=(None, 2.5))
+    ax.legend()
+  return fig
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--shape', default='tiny')
-  parser.add_argument('--rows', default=','.join(ROWS))
-  parser.add_argument('--runs', default='runs')
-  parser.add_argument('--results', default='results')
+  parser.add_argument('--rows', default=','.join(ROWS), help="comma-separated rows ('' only re-renders)")
+  runner.add_arguments(parser)
   args = parser.parse_args()
-  from experiments.configs.tokenformer_scaling import SHAPES
-  steps = SHAPES[args.shape][5]
-  short = [f'train.steps={steps // 5}', f'train.eval_every={steps // 20}', f'checkpoint.every={steps // 20}']
-  name = f'tokenformer-{args.shape}'
-  table = os.path.join(args.results, f'{name}.json')
-  rows = {r['name']: r for r in (json.load(open(table)) if os.path.exists(table) else [])}
-  workdir = lambda row: os.path.join(args.runs, name, row)
-  config = lambda row: f'{CONFIG}:{args.shape},{row}'
-
-  for row in filter(None, args.rows.split(',')):   # --rows '' only re-renders
-    if row == 'A':
-      result = runner.train_and_evaluate(config('small'), workdir(row), [], name=row)
-    elif row == 'C':
-      result = runner.train_and_evaluate(config('large'), workdir(row), short, name=row)
-    elif row == 'D':
-      result = runner.train_and_evaluate(config('large'), workdir(row), [], name=row)
-    elif row in ('softmax', 'transformer'):
-      result = runner.train_and_evaluate(config(row), workdir(row), [], name=row)
-    elif row in ('B-zeros', 'B-random', 'B-gentle'):
-      key_init = 'random' if row == 'B-random' else 'zeros'
-      grow = ['--from', workdir('A'), '--to', workdir(row), '--add_tokens', str(3 * SHAPES[args.shape][0] // 4),
-              '--key_init', key_init, *(['--pin_tau'] if key_init == 'zeros' else [])]
-      runner.run([sys.executable, '-m', 'train.grow', *grow])
-      lr = [f'train.lr={SHAPES[args.shape][6] / 4}'] if row == 'B-gentle' else []
-      result = runner.train_and_evaluate(None, workdir(row), short + lr, name=row)
-      result['command'] = ' '.join(['python -m train.grow', *grow]) + ' && ' + result['command']
-      result['train_flops'] += rows['A']['train_flops']
-      result['note'] = 'grown from A at its last step; train_flops includes A'
-    else:
-      raise SystemExit(f'unknown row {row!r} (rows: {", ".join(ROWS)})')
-    rows[row] = result
-    os.makedirs(args.results, exist_ok=True)
-    with open(table, 'w') as f:
-      json.dump(list(rows.values()), f, indent=1)
-
-  ordered = [rows[r] for r in ROWS if r in rows]
-  plot = plot_curves(ordered, steps, os.path.join(args.results, f'{name}.png'))
-  with open(os.path.join(args.results, f'{name}.md'), 'w') as f:
-    f.write(runner.render(name, ordered, plot, f'python -m experiments.tokenformer_scaling --shape {args.shape}')
-            + summary(rows))
-  print(open(os.path.join(args.results, f'{name}.md')).read())
-
-
-def summary(rows: dict) -> str:
-  """The Table 6 comparison in words: each grown row against C and D, with its share of D's compute."""
-  if not {'C', 'D'} <= set(rows):
-    return ''
-  lines = ['', '## Grown against scratch', '']
-  for name in (r for r in ROWS if r.startswith('B-') and r in rows):
-    b, c, d = rows[name], rows['C'], rows['D']
-    lines.append(f'- {name}: valid ppl {b["valid_ppl"]:.3f} with {b["train_flops"] / d["train_flops"]:.0%} of D\'s '
-                 f'training FLOPs (A included); D (large, S steps) {d["valid_ppl"]:.3f}, C (large, 0.2 S steps, '
-                 f'{c["train_flops"] / d["train_flops"]:.0%}) {c["valid_ppl"]:.3f}. B closes '
-                 f'{(rows["A"]["valid_ppl"] - b["valid_ppl"]) / (rows["A"]["valid_ppl"] - d["valid_ppl"]):.0%} of the '
-                 'gap from A to D.')
-  return '\n'.join(lines) + '\n'
-
-
-def plot_curves(rows: list[dict], steps: int, path: str) -> str:
-  """Training loss against step, the grown rows continuing from A's last step (marked)."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(8, 4.5))
-  for r in rows:
-    records = runner.read_metrics(runner.workdir_of(r))
-    offset = steps if r['name'].startswith('B-') else 0
-    curve = [(x['step'] + offset, x['loss']) for x in records if 'loss' in x]
-    ax.plot(*zip(*curve), label=r['name'], lw=1.2)
-  ax.axvline(steps, color='gray', ls=':', label='growth (end of A)')
-  ax.set_xlabel('step (grown rows continue from A)')
-  ax.set_ylabel('training loss (nats/byte)')
-  ax.set_ylim(top=2.5)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  return path
+  rows = [r for r in args.rows.split(',') if r]
+  unknown = sorted(set(rows) - set(ROWS))
+  if unknown:
+    parser.error(f'unknown row {unknown[0]!r} (rows: {", ".join(ROWS)})')
+  runner.run_experiment(declare(args.shape, args.runs), runs=args.runs, results=args.results, rows=rows,
+                        overrides=args.override)
 
 
 if __name__ == '__main__':
