@@ -22,15 +22,11 @@ TINY_MODELS = _tiny_models()   # every registered model's test shape, from its r
 
 
 def tiny_config(model='transformer', **overrides):
-  """A seconds-long run of a tiny model on the embedded stdlib corpus."""
-  from train.config import default_config
-  c = default_config(model)
-  c.model.update(**TINY_MODELS[model])
-  c.train.update(steps=6, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, log_every=1, eval_every=1000,
-                 eval_batches=2)
+  """A seconds-long run of a tiny model on the embedded stdlib corpus (experiments/configs/tiny.py, shorter)."""
+  from experiments.configs import tiny
+  c = tiny.get_config(model)
+  c.train.update(steps=6, lr=3e-3, log_every=1, eval_every=1000)
   c.checkpoint.update(every=3, keep=5, async_save=False)
-  c.mesh.update(data=1)
-  c.wandb.mode = 'disabled'
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split('.')
@@ -61,8 +57,8 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
                         text=True, timeout=timeout)
 
 
-# A config file per model with the same keys as `tiny_config(model)` (the overrides set every value): the arena's.
-BASE_CONFIG_FILES = {name: f'experiments/configs/arena.py:tiny,{name}' for name in TINY_MODELS}
+# A config file per model with the same keys as `tiny_config(model)` (the overrides set every value).
+BASE_CONFIG_FILES = {name: f'experiments/configs/tiny.py:{name}' for name in TINY_MODELS}
 
 
 def assert_causal(model, params, tokens, vocab_size: int, t: int = 9, **apply_kwargs):

@@ -150,29 +150,29 @@ def test_analytic_flops_against_xla(name, cache_dir):
   variables = models.abstract_variables(model, *batch['targets'].shape[:2])
   inputs = model.inputs(batch)
   apply = lambda v, inputs: model.apply(v, **inputs, train=False, rngs=model.stream_keys(jax.random.key(0)))[0]
-  xla = jax.jit(apply).lower(variables, inputs).compile().cost_analysis()['flops']
+  xla = jax.jit(apply).lower(variables, inputs).cost_analysis()['flops']   # XLA's count of the HLO
   seq_len = setup.config.train.seq_len
   analytic = model.forward_flops_per_token(seq_len) * seq_len * batch['targets'].shape[0]
   assert 0.55 < analytic / xla < 1.2, analytic / xla   # 0.69 (tokenformer) to 0.95 (hat) at the tiny shapes
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_rematerialisation_keeps_the_gradients(name, cache_dir):
-  """Every model takes `model.remat`; the `full` policy recomputes the blocks in the backward pass and
-  must give the same gradients as keeping every activation."""
+def test_rematerialisation_reaches_every_model(name, cache_dir):
+  """`model.remat=full` puts the blocks under `jax.checkpoint` in the training step (traced, not compiled:
+  that remat keeps the gradients is tested on the shared stack, test_transformer.py and test_stack.py)."""
   setup, state, batch = built(name, cache_dir)
   variables = {'params': state['params'], **state['model_state']}
 
-  def gradients(model):
+  def checkpointed_ops(model):
     def loss(params):
       logits, _ = model.apply({**variables, 'params': params}, **model.inputs(batch), train=True,
                               rngs=model.stream_keys(jax.random.key(0)), mutable=list(state['model_state']))[0]
       return model.score(logits, batch, setup.vocab_limit).nll.sum()
-    return jax.jit(jax.grad(loss))(state['params'])
+    text = str(jax.make_jaxpr(jax.grad(loss))(state['params']))
+    return text.count('remat2[') + text.count('checkpoint[')   # the primitive's name across JAX versions
 
-  plain, rematerialised = gradients(setup.model.clone(remat='none')), gradients(setup.model.clone(remat='full'))
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
-    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+  assert checkpointed_ops(setup.model.clone(remat='none')) == 0
+  assert checkpointed_ops(setup.model.clone(remat='full')) > 0
 
 
 @pytest.mark.parametrize('name', NAMES)

@@ -63,3 +63,15 @@ def test_blocks_with_per_layer_settings_cannot_be_scanned():
 def test_unknown_remat_policy_names_the_key():
   with pytest.raises(ValueError, match="model.remat='some' must be one of none, full, dots, dots_no_batch"):
     stack.check_remat('some')
+
+
+def test_a_scanned_model_trains_and_resumes_through_the_trainer(make_config, tmp_path):
+  """The stacked parameters' `layers` axis has a sharding rule and checkpoints like any other."""
+  from train import trainer
+  config = make_config('transformer', **{'model.scan_layers': True, 'model.remat': 'full', 'train.steps': 4,
+                                         'train.stop_at': 2})
+  assert trainer.Trainer(config, str(tmp_path)).run()['stopped_at'] == 2
+  with config.unlocked():
+    config.train.stop_at = 0
+  result = trainer.Trainer(config, str(tmp_path)).run()
+  assert result['start_step'] == 2 and result['step'] == 4 and np.isfinite(result['loss'])

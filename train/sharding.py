@@ -30,6 +30,7 @@ LOGICAL_AXIS_RULES = (
     ('gate_in', 'tensor'),   # Grassmann gate input [h; g]
     ('ptokens', 'tensor'),   # TokenFormer parameter tokens
     ('rel_buckets', None),   # T5 relative position buckets
+    ('layers', None),        # the stacked layers of a scanned stack (model.scan_layers)
     ('length', None),
     ('act_embed', None),
     ('act_heads', 'tensor'),
