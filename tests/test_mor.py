@@ -13,11 +13,15 @@ from models import mor, sampling
 VOCAB = 50
 
 
-def build(name='mor', **kw):
+def module(name='mor', **kw):
   cfg = models.default_config(name)
   cfg.update(vocab_size=VOCAB, d_model=32, num_heads=4, d_ff=64, **({} if name == 'llama' else dict(num_layers=8)))
   cfg.update(**kw)
-  model = models.build(cfg)
+  return models.build(cfg)
+
+
+def build(name='mor', **kw):
+  model = module(name, **kw)
   tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, VOCAB)
   variables = nn.meta.unbox(jax.jit(model.init)({'params': jax.random.key(1)}, tokens))
   return model, variables.pop('params'), variables, tokens
@@ -64,13 +68,19 @@ def test_topk_capacities_and_hierarchical_filtering():
 
 
 @pytest.mark.parametrize('kw', [dict(), dict(kv_sharing=True, num_recursions=2, num_layers=6)])
-def test_gathered_topk_equals_the_dense_reference(kw):
+def test_gathered_topk_equals_the_dense_reference_forward_and_backward(kw):
+  """The gather/scatter fast path (`gather=True`) against the masked dense reference: logits, auxiliary
+  terms and the parameter gradients."""
   model, params, _, tokens = build(**kw)
-  dense = build(gather=False, **kw)[0]
-  (logits, aux), (ref_logits, ref_aux) = (m.apply({'params': params}, tokens, train=True) for m in (model, dense))
+  dense = model.clone(gather=False)
+  forward = lambda m: jax.jit(lambda p: m.apply({'params': p}, tokens, train=True))(params)
+  (logits, aux), (ref_logits, ref_aux) = forward(model), forward(dense)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
   for key in aux:
     np.testing.assert_allclose(aux[key], ref_aux[key], atol=1e-6, err_msg=key)
+  grads = lambda m: jax.jit(jax.grad(lambda p: m.apply({'params': p}, tokens, train=True)[0].std()))(params)
+  for a, b in zip(jax.tree.leaves(grads(model)), jax.tree.leaves(grads(dense))):
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_kv_sharing_attends_every_token_at_deeper_recursions():
@@ -144,21 +154,21 @@ def test_flops_against_a_hand_count():
   linear = 2 * (d * head_dim * (2 * heads + 2 * kv) + 3 * d * ff)   # q, o, k, v and SwiGLU's three matrices
   attention = 2 * d * seq                                          # QK^T + AV, causal half
   readout = 2 * d * vocab
-  vanilla = build('llama', num_kv_heads=kv)[0]
+  vanilla = module('llama', num_kv_heads=kv)
   assert vanilla.forward_flops_per_token(seq) == 6 * (linear + attention) + readout
-  recursive = build('recursive', num_kv_heads=kv)[0]                  # 1 + 2 x 3 + 1
+  recursive = module('recursive', num_kv_heads=kv)                  # 1 + 2 x 3 + 1
   assert recursive.forward_flops_per_token(seq) == 8 * (linear + attention) + readout
-  expert = build('mor', num_kv_heads=kv)[0]
+  expert = module('mor', num_kv_heads=kv)
   caps = (1, 2 / 3, 1 / 3)
   hand = 2 * (linear + attention) + readout + sum(2 * (c * linear + c * c * attention) for c in caps)
   hand += 2 * d * (1 + 1 + 2 / 3)   # the routers score the candidates of each recursion
   np.testing.assert_allclose(expert.forward_flops_per_token(seq), hand, rtol=1e-12)
-  shared = build('mor', num_kv_heads=kv, kv_sharing=True)[0]
+  shared = module('mor', num_kv_heads=kv, kv_sharing=True)
   kv_proj = 4 * d * head_dim * kv
   hand_shared = (2 * (linear + attention) + readout + 2 * (linear + attention) + 2 * d * (1 + 1 + 2 / 3)
                  + sum(2 * c * (linear - kv_proj + attention) for c in caps[1:]))
   np.testing.assert_allclose(shared.forward_flops_per_token(seq), hand_shared, rtol=1e-12)
-  token = build('mor', router='token', num_kv_heads=kv)[0]
+  token = module('mor', router='token', num_kv_heads=kv)
   np.testing.assert_allclose(token.forward_flops_per_token(seq), hand - 2 * d * (1 + 1 + 2 / 3) + 2 * d * 3,
                              rtol=1e-12)
   # Against XLA's count for the vanilla model: matmuls dominate; at d = 32 XLA's count of norms, RoPE and
