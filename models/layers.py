@@ -219,18 +219,15 @@ def dot_product_attention(q, k, v, mask=None, bias=None, is_causal: bool = False
                allow and XLA elsewhere; `is_causal` masks by index inside the kernel (no [q, k] mask)
     xla, cudnn `jax.nn.dot_product_attention` forced to that implementation
   A query with every key masked averages the values (zeros for `reference`)."""
-  if impl == 'reference':
-    if is_causal:
-      causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
-      mask = causal if mask is None else mask & causal
-    return reference_attention(q, k, v, mask=mask, bias=bias)
   if impl in ('fused', 'xla', 'cudnn'):
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
                                         implementation=None if impl == 'fused' else impl)
-  # einsum. Not `reference_attention`: its -inf fill and NaN clean-up make the backward 40% slower at 128 tokens.
   if is_causal:
     causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
     mask = causal if mask is None else mask & causal
+  if impl == 'reference':
+    return reference_attention(q, k, v, mask=mask, bias=bias)
+  # einsum. Not `reference_attention`: its -inf fill and NaN clean-up make the backward 40% slower at 128 tokens.
   scores = jnp.einsum('bqhd,bkhd->bhqk', q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32)
   if bias is not None:
     scores = scores + bias

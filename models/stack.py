@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -94,4 +95,4 @@ def apply_blocks(block: type[nn.Module], x, context: Context, *, num_layers: int
     extras.append(extra)
   if extras[0] is None:
     return x
-  return x, jax.tree.map(lambda *per_layer: jax.numpy.stack(per_layer), *extras)
+  return x, jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *extras)
