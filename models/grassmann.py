@@ -139,7 +139,10 @@ class GrassmannBlock(nn.Module):
 class GrassmannLM(LanguageModel):
   """Causal Grassmann LM: token + learned position embeddings, Grassmann blocks, tied readout."""
   cached_decoding = False
-  presets = {'tiny': dict(d_model=32, num_layers=2, d_ff=64, max_len=32, rank=8, offsets=(1, 2, 4), dropout=0.0)}
+  # paper: the 12-layer model of Table 2 (spec grassmann-tokenformer-mor.md §1.2)
+  presets = {'tiny': dict(d_model=32, num_layers=2, d_ff=64, max_len=32, rank=8, offsets=(1, 2, 4), dropout=0.0),
+             'paper': dict(d_model=256, num_layers=12, d_ff=1024, max_len=256, rank=32, schedule='per_layer',
+                           offsets=(1, 1, 2, 2, 4, 4, 8, 8, 12, 12, 16, 16), prenorm=False, dropout=0.1)}
 
   @classmethod
   def arena_layout(cls, *, d_model, depth, heads):

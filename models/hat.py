@@ -59,8 +59,13 @@ class HAT(LanguageModel):
   batch_format = 'words'
   extra_output_symbols = 1   # [W]
   cached_decoding = False    # `generate` runs the word and byte loops (the backbone keeps a KV cache)
+  # paper: HAT 1B (spec hat-mrt5-landmark-lexinvariant.md §1.1, §1.6): byte modules 3 x 768, backbone 18 x 2304,
+  # SwiGLU at 8/3; 16,384-byte windows hold ~2,750 words at 5.97 bytes a word; words over 16 bytes are split
   presets = {'tiny': dict(byte_width=32, byte_heads=2, byte_ff=64, encoder_layers=1, decoder_layers=1, d_model=32,
-                          num_layers=2, num_heads=2, d_ff=64, max_words=8, max_word_bytes=8)}
+                          num_layers=2, num_heads=2, d_ff=64, max_words=8, max_word_bytes=8),
+             'paper': dict(byte_width=768, byte_heads=6, byte_ff=2048, encoder_layers=3, decoder_layers=3,
+                           d_model=2304, num_layers=18, num_heads=18, d_ff=6144, max_words=3072, max_word_bytes=16,
+                           splitter='whitespace')}
 
   @classmethod
   def arena_layout(cls, *, d_model, depth, heads):

@@ -303,8 +303,11 @@ class LandmarkStack(nn.Module):
 @register('landmark')
 class LandmarkLM(LanguageModel):
   """GPT-2-like decoder (pre-LN, no biases, GELU, tied embeddings, RoPE) with landmark attention."""
+  # paper: the PG-19 model (spec hat-mrt5-landmark-lexinvariant.md §3.3): blocks of 50 + 1 landmark
   presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, block_size=4, local_len=8, mem_blocks=4,
-                          topk=2)}
+                          topk=2),
+             'paper': dict(d_model=1024, num_layers=12, num_heads=8, d_ff=4096, block_size=50, local_len=250,
+                           mem_blocks=40, topk=4)}
   vocab_size: int = 256
   d_model: int = 384
   num_layers: int = 6

@@ -10,6 +10,8 @@ Architectures add their own names (e.g. TokenFormer's `ptokens`), each with a ru
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -29,9 +31,29 @@ def logical(init: Initializer, axes: Sequence[str | None]) -> Initializer:
   return nn.with_logical_partitioning(init, tuple(axes))
 
 
+# (mesh, logical axis rules) while a training or evaluation step is traced (`activation_sharding`).
+_ACTIVATION_SHARDING = contextvars.ContextVar('activation_sharding', default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: jax.sharding.Mesh, rules):
+  """Within: `constrain` pins activations to `mesh` by the logical axis `rules`. Passing the mesh to each
+  constraint, rather than setting a global one, leaves parameter unboxing alone (flax would constrain the
+  flat kernels DenseGeneral initialises by their 3-axis names)."""
+  token = _ACTIVATION_SHARDING.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVATION_SHARDING.reset(token)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """Sharding hint for an activation (a no-op outside a mesh / axis-rules context)."""
-  return nn.with_logical_constraint(x, tuple(axes))
+  """Sharding hint for an activation (a no-op outside `activation_sharding`)."""
+  active = _ACTIVATION_SHARDING.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return nn.with_logical_constraint(x, tuple(axes), rules=rules, mesh=mesh)
 
 
 def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):

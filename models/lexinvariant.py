@@ -47,7 +47,9 @@ class Lexinvariant(LanguageModel):
   """Decoder-only Transformer (the baseline's pre-LN blocks) with T5 relative position bias and
   per-sequence random (or learned) embeddings."""
   rng_streams = ('dropout', STREAM)
-  presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32)}
+  # paper: the 150M model (spec hat-mrt5-landmark-lexinvariant.md §4.1)
+  presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32),
+             'paper': dict(d_model=1024, num_layers=12, num_heads=8, d_ff=4096, max_len=512)}
   vocab_size: int = 256
   d_model: int = 256
   num_layers: int = 4

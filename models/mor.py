@@ -72,7 +72,10 @@ def take(x: jax.Array, index: jax.Array) -> jax.Array:
 class RecursiveLM(LanguageModel):
   """The shared decoder; the registered subclasses below set its defaults."""
   state_collections = ('router_state',)   # the loss-free balancing bias (router=token)
-  presets = {'tiny': dict(d_model=32, num_layers=5, num_recursions=3, num_heads=2, d_ff=64, max_len=32)}
+  # paper: MoR 360M, N_r = 3, Middle-Cycle, expert choice (spec grassmann-tokenformer-mor.md §3.1, Table 3)
+  presets = {'tiny': dict(d_model=32, num_layers=5, num_recursions=3, num_heads=2, d_ff=64, max_len=32),
+             'paper': dict(d_model=960, num_layers=32, num_recursions=3, num_heads=15, num_kv_heads=5, d_ff=2560,
+                           max_len=2048)}
 
   @classmethod
   def arena_layout(cls, *, d_model, depth, heads):
@@ -382,7 +385,9 @@ class Recursive(RecursiveLM):
 
 @register('llama')
 class Llama(RecursiveLM):
-  presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32)}
+  # paper: MoR's vanilla 360M (Table 3)
+  presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32),
+             'paper': dict(d_model=960, num_layers=32, num_heads=15, num_kv_heads=5, d_ff=2560, max_len=2048)}
   num_layers: int = 6
   num_recursions: int = 1
   sharing: str = 'cycle'

@@ -97,6 +97,7 @@ class T5Layer(nn.Module):
   """Pre-RMSNorm self-attention, cross-attention (decoder layers), gated-GELU feed-forward."""
   d_model: int
   num_heads: int
+  head_dim: int
   d_ff: int
   softmax1: bool
   dropout: float
@@ -108,7 +109,7 @@ class T5Layer(nn.Module):
                encoded_key_bias=None):
     """-> (h, self-attention score penalty, cross-attention score penalty). `train` is positional: the
     rematerialised layer takes it as a static argument."""
-    attention = lambda name: T5Attention(num_heads=self.num_heads, head_dim=self.d_model // self.num_heads,
+    attention = lambda name: T5Attention(num_heads=self.num_heads, head_dim=self.head_dim,
                                          softmax1=self.softmax1, dtype=self.dtype, name=name)
     norm = lambda name: layers.norm('rmsnorm', dtype=self.dtype, epsilon=1e-6, name=name)
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
@@ -164,8 +165,12 @@ class ByT5(LanguageModel):
   rng_streams = ('dropout', 'deletion')
   state_collections = ('controller',)   # the PI controller (deletion=gate)
   cached_decoding = False               # `generate` encodes once, then decodes over a buffer
+  # paper: a ByT5-small-shaped base (spec hat-mrt5-landmark-lexinvariant.md §2.1): 12 + 4 layers, d=1472,
+  # 6 heads of 64, gated-GELU 3,584
   presets = {'tiny': dict(d_model=32, num_heads=2, d_ff=64, encoder_layers=3, decoder_layers=2, gate_layer=1,
-                          mean_span=3.0, hard_buckets=4)}
+                          mean_span=3.0, hard_buckets=4),
+             'paper': dict(d_model=1472, num_heads=6, head_dim=64, d_ff=3584, encoder_layers=12, decoder_layers=4,
+                           gate_layer=3)}
 
   @classmethod
   def arena_layout(cls, *, d_model, depth, heads):
@@ -176,6 +181,7 @@ class ByT5(LanguageModel):
   vocab_size: int = 0
   d_model: int = 256
   num_heads: int = 4
+  head_dim: int = 0               # 0: d_model // num_heads; ByT5 has heads of 64 at every size (small: 6 x 64 at d=1472)
   d_ff: int = 512
   encoder_layers: int = 6
   decoder_layers: int = 2
@@ -237,7 +243,8 @@ class ByT5(LanguageModel):
     # Encoder and decoder loop over their layers themselves: the gate splits the encoder in two, and every
     # layer returns score penalties; the remat policy is the shared one.
     layer_cls = stack.remat(T5Layer, self.remat, static_argnums=(2,))
-    layer = lambda cross: layer_cls(d_model=self.d_model, num_heads=self.num_heads, d_ff=self.d_ff,
+    layer = lambda cross: layer_cls(d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_width,
+                                    d_ff=self.d_ff,
                                     softmax1=self.softmax1, dropout=self.dropout, dtype=dtype, cross=cross)
     self.encoder = [layer(False) for _ in range(self.encoder_layers)]
     self.decoder = [layer(True) for _ in range(self.decoder_layers)]
@@ -369,6 +376,10 @@ class ByT5(LanguageModel):
             'mrt5/alpha': alpha, 'mrt5/gate_mean': gate_mean}
 
   # ------------------------------------------------------------------------------------ interface
+  @property
+  def head_width(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
   def decoder_length(self, seq_len: int) -> int:
     return seq2seq.decoder_length(self.task, seq_len, self.noise_density, self.mean_span)
 
@@ -378,7 +389,7 @@ class ByT5(LanguageModel):
 
   def analytic_param_count(self) -> int:
     d = self.d_model
-    attention = 4 * d * (d // self.num_heads * self.num_heads) + d                # projections and its norm
+    attention = 4 * d * (self.head_width * self.num_heads) + d                    # projections and its norm
     mlp = layers.mlp_param_count(d, self.d_ff, 'geglu', use_bias=False) + d
     gate = (2 * d + 1) if self.deletion == 'gate' else 0                        # norm, kernel, bias
     return (2 * self.vocab_size * d + 2 * self.num_buckets * self.num_heads + 2 * d + gate
@@ -388,11 +399,12 @@ class ByT5(LanguageModel):
     """Per encoder position (train.seq_len of them per example), without deletion: the training cost,
     since soft deletion saves nothing. The decoder's share is scaled by target / input length."""
     d, mlp = self.d_model, layers.mlp_matmul_params(self.d_model, self.d_ff, 'geglu')
+    inner = self.head_width * self.num_heads                                    # the attention width
     target = self.decoder_length(seq_len)
-    encoder_layer = 2 * (4 * d * d + mlp) + 4 * d * seq_len                     # bidirectional attention
-    per_target = (2 * (4 * d * d + mlp) + 2 * d * target                        # causal self-attention
-                  + 2 * 2 * d * d + 4 * d * seq_len)                            # cross: query, out, logits
-    per_input = 2 * 2 * d * d                                                   # cross: keys and values
+    encoder_layer = 2 * (4 * d * inner + mlp) + 4 * inner * seq_len             # bidirectional attention
+    per_target = (2 * (4 * d * inner + mlp) + 2 * inner * target                # causal self-attention
+                  + 2 * 2 * d * inner + 4 * inner * seq_len)                    # cross: query, out, logits
+    per_input = 2 * 2 * d * inner                                               # cross: keys and values
     decoder = self.decoder_layers * (per_target * target / seq_len + per_input)
     gate = 2 * d if self.deletion == 'gate' else 0
     return self.encoder_layers * encoder_layer + decoder + 2 * d * self.vocab_size * target / seq_len + gate

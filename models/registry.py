@@ -105,7 +105,7 @@ class LanguageModel(nn.Module):
     if getattr(self, 'vocab_size', 1) <= 0:
       raise ValueError('model.vocab_size must be positive')
     heads, width = getattr(self, 'num_heads', 1), getattr(self, 'd_model', 1)
-    if width % heads:
+    if width % heads and not getattr(self, 'head_dim', 0):
       raise ValueError(f'model.num_heads={heads} does not divide model.d_model={width}')
 
   def example_inputs(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:

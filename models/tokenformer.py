@@ -111,7 +111,10 @@ class TokenFormerBlock(nn.Module):
 class TokenFormer(LanguageModel):
   """Decoder-only TokenFormer. Defaults follow the released NeoX configs (rotary on 25% of head dims,
   l2_gelu with exact GeLU, keys N(0, 0.02), values N(0, 2/(layers·√d)))."""
-  presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, n_attn=24, n_ffn=96, max_len=32)}
+  # paper: the 354M stage of progressive scaling (spec grassmann-tokenformer-mor.md §2.4; 124M has n_attn 576, n_ffn 2304)
+  presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, n_attn=24, n_ffn=96, max_len=32),
+             'paper': dict(d_model=768, num_layers=12, num_heads=12, n_attn=2140, n_ffn=8560, max_len=1024,
+                           activation='l2_gelu', gelu_approximate=False, rope_fraction=0.0, param_init='fan_in')}
   arena_knob = 'n_ffn'
   grows_by_tokens = True
 

@@ -12,7 +12,9 @@ from models.registry import LanguageModel, register
 @register('transformer')
 class Transformer(LanguageModel):
   """Decoder-only Transformer. `prenorm` switches pre-LN/post-LN, `positions` learned/rope."""
-  presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32)}
+  # paper: GPT-2 small, the size-matched baseline of TokenFormer's 124M (and the issue-20 TPU measurement)
+  presets = {'tiny': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32),
+             'paper': dict(d_model=768, num_layers=12, num_heads=12, d_ff=3072, max_len=1024)}
   vocab_size: int = 256
   d_model: int = 256
   num_layers: int = 4

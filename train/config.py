@@ -113,9 +113,11 @@ def accelerator_defaults(model_config: ml_collections.ConfigDict, backend: str) 
       model_config[key] = cpu if backend == 'cpu' else accelerator
 
 
-def build_model(config, vocab_size: int | None = None) -> models.LanguageModel:
+def build_model(config, vocab_size: int | None = None, platform: str | None = None) -> models.LanguageModel:
+  """The model of `config`, its 'auto' keys resolved for `platform` (the mesh's devices: 'tpu' when compiling
+  for a TPU from this host; default: this process's backend)."""
   model_config = ml_collections.ConfigDict(config.model.to_dict())
-  accelerator_defaults(model_config, jax.default_backend())
+  accelerator_defaults(model_config, platform or jax.default_backend())
   if vocab_size is not None:
     model_config.vocab_size = vocab_size
   try:
@@ -133,7 +135,7 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def parse_flags(argv: Sequence[str], define: Callable[[flags.FlagValues], None], *,
-                config_from_workdir: bool = False) -> flags.FlagValues:
+                config_from_workdir: bool = False, workdir_required: bool = True) -> flags.FlagValues:
   """Parse argv into fresh FlagValues with a `--config` (a file, or DIR/config.json) and `--workdir`.
 
   `config_from_workdir`: the config is the training run's saved one; `--config.x=y` still overrides.
@@ -167,7 +169,7 @@ def parse_flags(argv: Sequence[str], define: Callable[[flags.FlagValues], None],
     except OSError as e:
       reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
       raise ConfigError(f'--config={fv["config"].config_filename} could not be loaded: {reason}') from None
-  if not config_from_workdir and not fv.workdir:
+  if workdir_required and not config_from_workdir and not fv.workdir:
     raise ConfigError('--workdir is required')
   return fv
 

@@ -18,6 +18,7 @@ import optax
 
 import models
 from models import formats
+from models.formats import byte_ids
 from train import config as config_lib, data, sharding
 
 LN2 = math.log(2.0)
@@ -44,26 +45,48 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
   return optimizer, schedule
 
 
-class Setup:
-  """What training, evaluation and sampling share: mesh, data, tokenizer, model and state layout."""
+def nominal_vocab_size(config, model_cls) -> int:
+  """The tokenizer's vocabulary without a trained tokenizer: what model.vocab_size leaves after the model's
+  own symbols when it is set, else the byte tokenizer's ids or data.vocab_size (the size a bpe or wordpiece
+  tokenizer is trained to; an upper bound for the others)."""
+  if config.model.vocab_size:
+    return config.model.vocab_size - model_cls.extra_output_symbols
+  return byte_ids.VOCAB_SIZE if config.data.tokenizer == 'byte' else config.data.vocab_size
 
-  def __init__(self, config, workdir: str):
+
+def micro_batches(batch: dict, accum: int) -> dict:
+  """[batch, ...] -> [accum, batch / accum, ...]: micro-batch i takes rows i, i + accum, ..., so every device
+  keeps a share of every micro-batch."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
+
+
+class Setup:
+  """What training, evaluation and sampling share: mesh, data, tokenizer, model and state layout.
+
+  `devices`: the mesh's devices (default: every device of the job). `load_data=False` reads no corpus and
+  trains no tokenizer: the vocabulary is then model.vocab_size, or the tokenizer's nominal size
+  (`nominal_vocab_size`). `train.aot` uses both to compile for a TPU topology from this host."""
+
+  def __init__(self, config, workdir: str | None, *, devices=None, load_data: bool = True):
     self.config, self.workdir = config, workdir
     config_lib.validate(config)
     try:
-      self.mesh = sharding.make_mesh(config.mesh)
+      self.mesh = sharding.make_mesh(config.mesh, devices)
       self.rows = sharding.process_rows(config.train.batch_size)
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from None
+    self.platform = self.mesh.devices.flat[0].platform
     batch_shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
     micro = config.train.batch_size // config.train.grad_accum
     if micro % batch_shards:
       raise config_lib.ConfigError(
           f'train.batch_size / train.grad_accum = {micro} does not divide over mesh.data x mesh.fsdp = {batch_shards}')
     model_cls = models.model_class(config.model.name)
-    self.dataset = data.Dataset(config, workdir, fmt=formats.get(model_cls.batch_format))
+    self.format = formats.get(model_cls.batch_format)
+    self.dataset = data.Dataset(config, workdir, fmt=self.format) if load_data else None
+    tokenizer_vocab = self.dataset.tokenizer.vocab_size if load_data else nominal_vocab_size(config, model_cls)
     # The model may predict symbols of its own after the tokenizer's ids (HAT's end of word).
-    vocab = self.vocab_limit = self.dataset.tokenizer.vocab_size + model_cls.extra_output_symbols
+    vocab = self.vocab_limit = tokenizer_vocab + model_cls.extra_output_symbols
     if config.model.vocab_size == 0:   # padded so the vocab axis divides over the tensor axis
       tensor = self.mesh.shape['tensor']
       with config.unlocked():
@@ -71,7 +94,7 @@ class Setup:
     elif config.model.vocab_size < vocab:
       raise config_lib.ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                                    f'tokenizer vocabulary ({vocab})')
-    self.model = config_lib.build_model(config)
+    self.model = config_lib.build_model(config, platform=self.platform)
     self.optimizer, self.schedule = make_optimizer(config.train)
     self._layout()
 
@@ -106,6 +129,14 @@ class Setup:
     init = jax.jit(lambda key: nn.meta.unbox(self._init_state(key)), out_shardings=self.state_shardings)
     return init(jax.random.key(self.config.seed))
 
+  def abstract_batch(self) -> dict:
+    """The global training batch as shapes and shardings, from the format's batch of all-zero windows."""
+    t = self.config.train
+    windows = np.zeros((t.batch_size, t.seq_len + 1), np.int32)
+    example = self.format.build(windows, np.ones(windows.shape, bool), self.config.model)
+    shard = sharding.batch_sharding(self.mesh)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shard) for k, v in example.items()}
+
   def global_batch(self, local_batch: dict) -> dict:
     return sharding.global_batch(local_batch, self.mesh)
 
@@ -114,15 +145,22 @@ class Setup:
     """(params, model_state, batch, key) -> weighted NLL and weight summed over the batch per position,
     then the scoring units (tokens; words for word-structured [batch, words, bytes] targets) predicted
     entirely right by argmax, the units, the UTF-8 bytes the batch counts (0 when it counts none), and
-    the model's metrics (its aux entries other than losses) times the batch's weight."""
-    model, vocab_limit = self.model, self.vocab_limit
+    the model's metrics (its aux entries other than losses) times the batch's weight. The batch runs in the
+    training step's `grad_accum` micro-batches, so evaluation needs no more memory than training."""
+    model, vocab_limit, accum = self.model, self.vocab_limit, self.config.train.grad_accum
+
+    def micro_step(params, model_state, micro, key):
+      with sharding.activation_rules(self.mesh):
+        logits, aux = model.apply({'params': params, **model_state}, **model.inputs(micro), train=False,
+                                  rngs=model.stream_keys(key))
+      score = model.score(logits, micro, vocab_limit)
+      metrics = {k: v * micro['weights'].sum() for k, v in aux.items() if not k.startswith('loss/')}
+      return (*score, metrics)
 
     def eval_step(params, model_state, batch, key):
-      logits, aux = model.apply({'params': params, **model_state}, **model.inputs(batch), train=False,
-                                rngs=model.stream_keys(key))
-      score = model.score(logits, batch, vocab_limit)
-      metrics = {k: v * batch['weights'].sum() for k, v in aux.items() if not k.startswith('loss/')}
-      return (*score, metrics)
+      outs = jax.lax.map(lambda xs: micro_step(params, model_state, xs[0], jax.random.fold_in(key, xs[1])),
+                         (micro_batches(batch, accum), jnp.arange(accum)))
+      return jax.tree.map(lambda x: x.sum(0), outs)
 
     return jax.jit(eval_step, out_shardings=sharding.replicated(self.mesh))
 

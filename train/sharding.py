@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from models import layers
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # Logical name -> mesh axes. Parameters: vocab/embed/mlp/heads/kv/pos/norm; activations: batch,
@@ -58,9 +60,19 @@ def mesh_shape(mesh_config, n_devices: int) -> tuple[int, int, int]:
   return tuple(dims)
 
 
-def make_mesh(mesh_config) -> Mesh:
-  shape = mesh_shape(mesh_config, jax.device_count())
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: every device of the job; a TPU topology's
+  devices when compiling ahead of time, `train.aot`), laid out along the chips' interconnect."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def activation_rules(mesh: Mesh):
+  """While a step is traced: the models' activation hints (`layers.constrain`) constrain on `mesh` by the
+  rule table. Without them XLA alone decides how activations split, and under FSDP it kept whole
+  micro-batches on every chip (16x the activations on v5e:4x4, results/tpu-aot.md)."""
+  return layers.activation_sharding(mesh, LOGICAL_AXIS_RULES)
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):

@@ -20,20 +20,22 @@ from train import checkpoint, config as config_lib, metrics as metrics_lib, path
 class Trainer:
   """Runs (or resumes) training in `workdir` for `config.train.steps` steps."""
 
-  def __init__(self, config, workdir: str):
-    self.setup = setup_lib.Setup(config, workdir)
+  def __init__(self, config, workdir: str, *, setup: setup_lib.Setup | None = None):
+    self.setup = setup or setup_lib.Setup(config, workdir)
     self.config, self.workdir = config, workdir
     self.stop_requested = threading.Event()
 
-  def _make_train_step(self):
+  def make_train_step(self):
+    """The unjitted train step: (state, batch) -> (state, metrics)."""
     model, optimizer, schedule = self.setup.model, self.setup.optimizer, self.setup.schedule
     vocab_limit = self.setup.vocab_limit
     accum = self.config.train.grad_accum
 
     def micro_objective(params, model_state, micro, key, total_weight):
       mutable = list(model_state)
-      out = model.apply({'params': params, **model_state}, **model.inputs(micro), train=True,
-                        rngs=model.stream_keys(key), mutable=mutable or False)
+      with sharding.activation_rules(self.setup.mesh):
+        out = model.apply({'params': params, **model_state}, **model.inputs(micro), train=True,
+                          rngs=model.stream_keys(key), mutable=mutable or False)
       (logits, aux), new_model_state = out if mutable else (out, {})
       nll = model.score(logits, micro, vocab_limit).nll.sum()
       aux_loss = sum((v for k, v in aux.items() if k.startswith('loss/')), jnp.zeros(()))
@@ -44,9 +46,6 @@ class Trainer:
     def train_step(state, batch):
       key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
       total_weight = jnp.maximum(batch['weights'].sum(), 1.0)
-      # Micro-batch i takes rows i, i + accum, ...: every device keeps a share of every micro-batch.
-      micro_batches = jax.tree.map(
-          lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
 
       def body(carry, xs):
         grads, model_state = carry
@@ -57,7 +56,7 @@ class Trainer:
 
       zeros = jax.tree.map(jnp.zeros_like, state['params'])
       (grads, model_state), (nll, aux) = jax.lax.scan(body, (zeros, state['model_state']),
-                                                      (micro_batches, jnp.arange(accum)))
+                                                      (setup_lib.micro_batches(batch, accum), jnp.arange(accum)))
       updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
       new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                    'opt_state': opt_state, 'rng': state['rng'], 'model_state': model_state}
@@ -67,12 +66,16 @@ class Trainer:
 
     return train_step
 
-  def compile_train_step(self, state, batch):
-    """The sharded train step, compiled ahead of time for these shapes; it donates the state it is given."""
+  def lower_train_step(self, state, batch):
+    """The sharded train step lowered for the shapes of `state` and `batch` (arrays, or abstract ones:
+    `train.aot`); compiled, it donates the state it is given."""
     setup = self.setup
-    return jax.jit(self._make_train_step(), in_shardings=(setup.state_shardings, sharding.batch_sharding(setup.mesh)),
+    return jax.jit(self.make_train_step(), in_shardings=(setup.state_shardings, sharding.batch_sharding(setup.mesh)),
                    out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
-                   donate_argnums=0).lower(state, batch).compile()
+                   donate_argnums=0).lower(state, batch)
+
+  def compile_train_step(self, state, batch):
+    return self.lower_train_step(state, batch).compile()
 
   def _request_stop(self, signum, frame):
     self.stop_requested.set()
