@@ -2,7 +2,7 @@
 own compiled step, at the arena's shapes (parameter-matched) and several sequence lengths.
 
   python -m experiments.bench [--models a,b] [--sizes tiny,small] [--seq_lens 128,512,2048,8192]
-      [--tokens_per_step 8192] [--repeats 5] [--steps_per_repeat 3] [--name bench-cpu]
+      [--tokens_per_step 8192] [--repeats 5] [--steps_per_repeat 3] [--name bench-cpu] [--override KEY=VALUE ...]
 
 Each case runs in its own process (a clean peak-memory counter; an out-of-memory case fails alone):
 it builds the arena config for (model, size) at that sequence length with batch = tokens_per_step /
@@ -34,12 +34,22 @@ FIELDS = ('model', 'size', 'seq_len', 'batch', 'non_embedding_params', 'step_tim
           'peak_memory_mb', 'memory_measured', 'compile_time_s', 'flops_per_token', 'status')
 
 
-def bench_config(model: str, size: str, seq_len: int, tokens_per_step: int, cache_dir: str):
-  """The arena's parameter-matched config for `model` at `size`, with the benchmark's sequence length."""
+def bench_config(model: str, size: str, seq_len: int, tokens_per_step: int, cache_dir: str,
+                 overrides: tuple[str, ...] = ()):
+  """The arena's parameter-matched config for `model` at `size`, with the benchmark's sequence length and
+  `overrides` (KEY=VALUE, the value read as the key's type; e.g. model.remat=none)."""
   c = arena_config.matched(size, model, seq_len)
   c.data.update(corpus='stdlib', tokenizer='byte', cache_dir=cache_dir)
   c.train.update(batch_size=max(1, tokens_per_step // seq_len), seq_len=seq_len, steps=10**6, warmup_steps=10)
   c.wandb.mode = 'disabled'
+  for override in overrides:
+    key, value = override.split('=', 1)
+    *parents, leaf = key.split('.')
+    node = c
+    for parent in parents:
+      node = node[parent]
+    current = node[leaf]
+    node[leaf] = value.lower() in ('1', 'true') if isinstance(current, bool) else type(current)(value)
   return c
 
 
@@ -59,14 +69,14 @@ def host_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def run_case(model: str, size: str, seq_len: int, tokens_per_step: int, repeats: int, steps_per_repeat: int,
-             cache_dir: str, peak_flops: float = 0.0) -> dict:
+             cache_dir: str, peak_flops: float = 0.0, overrides: tuple[str, ...] = ()) -> dict:
   """Measure one case in this process."""
   import jax
 
   from train import metrics as metrics_lib
   from train.trainer import Trainer
 
-  config = bench_config(model, size, seq_len, tokens_per_step, cache_dir)
+  config = bench_config(model, size, seq_len, tokens_per_step, cache_dir, overrides)
   config.train.peak_flops_per_device = peak_flops
   with tempfile.TemporaryDirectory() as workdir:
     trainer = Trainer(config, workdir)
@@ -102,7 +112,7 @@ def case_in_subprocess(args, model: str, size: str, seq_len: int, cache_dir: str
   cmd = [sys.executable, '-m', 'experiments.bench', '--case', f'{model},{size},{seq_len}',
          '--tokens_per_step', str(args.tokens_per_step), '--repeats', str(args.repeats),
          '--steps_per_repeat', str(args.steps_per_repeat), '--cache_dir', cache_dir,
-         '--peak_flops', str(args.peak_flops)]
+         '--peak_flops', str(args.peak_flops), '--override', *args.override]
   try:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout_s)
   except subprocess.TimeoutExpired:
@@ -166,13 +176,14 @@ def main():
   parser.add_argument('--results', default='results')
   parser.add_argument('--peak_flops', type=float, default=0.0,
                       help='per-device peak FLOP/s for MFU (0: the device table; on CPU, the measured matmul rate)')
+  parser.add_argument('--override', nargs='*', default=[], help='KEY=VALUE applied to every case (model.remat=none)')
   parser.add_argument('--case', help=argparse.SUPPRESS)
   parser.add_argument('--cache_dir', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.case:
     model, size, seq_len = args.case.split(',')
     print(json.dumps(run_case(model, size, int(seq_len), args.tokens_per_step, args.repeats, args.steps_per_repeat,
-                              args.cache_dir, args.peak_flops)))
+                              args.cache_dir, args.peak_flops, tuple(args.override))))
     return
   from experiments import run
   models, sizes = args.models.split(','), args.sizes.split(',')

@@ -22,15 +22,15 @@ from importlib import metadata
 
 from experiments.configs import paper
 
-# v5e-16 (16 chips of 16 GiB) and v5p-64 (32 chips of 95 GiB; Google counts v5p in TensorCores). The micro-batch
+# v5e-16 (16 chips of 16 GiB) and v5p-64 (32 chips of 95 GiB; Google counts v5p in TensorCores); v6e-8 (8 chips
+# of 32 GiB) for the one small model. The micro-batch
 # per chip (train.grad_accum) is what a user would pick: the largest that fits, about 4k-8k tokens a chip.
-TOPOLOGIES = {'v5e-16': 'v5e:4x4', 'v5p-64': 'v5p:2x4x4'}
+TOPOLOGIES = {'v5e-16': 'v5e:4x4', 'v5p-64': 'v5p:2x4x4', 'v6e-8': 'v6e:2x4'}
 ROWS = [
     dict(name='transformer', slice='v5e-16', grad_accum=8), dict(name='transformer', slice='v5p-64', grad_accum=2),
     dict(name='tokenformer', slice='v5e-16', grad_accum=8), dict(name='tokenformer', slice='v5p-64', grad_accum=2),
-    dict(name='grassmann', slice='v5e-16', grad_accum=1),
-    # batch 16 cannot split over 32 chips: 16-way data parallel, the Plücker features and MLP split in two
-    dict(name='grassmann', slice='v5p-64', grad_accum=1, mesh=dict(data=16, fsdp=1, tensor=2)),
+    # 17M parameters at batch 16: a user takes a small slice (16 chips is already one sequence a chip)
+    dict(name='grassmann', slice='v5e-16', grad_accum=1), dict(name='grassmann', slice='v6e-8', grad_accum=1),
     dict(name='mor', slice='v5e-16', grad_accum=32), dict(name='mor', slice='v5p-64', grad_accum=8),
     dict(name='llama', slice='v5e-16', grad_accum=32), dict(name='llama', slice='v5p-64', grad_accum=8),
     dict(name='hat', slice='v5e-16', grad_accum=64), dict(name='hat', slice='v5p-64', grad_accum=32),
@@ -39,9 +39,15 @@ ROWS = [
     dict(name='lexinvariant', slice='v5e-16', grad_accum=1), dict(name='lexinvariant', slice='v5p-64', grad_accum=1),
 ]
 
+# Compile time of the train step against depth, layers scanned (one compiled layer) or unrolled.
+DEPTH_ROWS = [dict(name='transformer', slice='v5e-16', grad_accum=8, depth=depth, scan=scan,
+                   overrides=[f'--config.model.num_layers={depth}', f'--config.model.scan_layers={scan}',
+                              '--eval_step=false', '--decode_step=false'])
+              for depth in (6, 12, 24) for scan in (True, False)]
+
 
 def row_key(row: dict) -> str:
-  return f"{row['name']}@{row['slice']}"
+  return f"{row['name']}@{row['slice']}" + (f"/{row['depth']}/{row['scan']}" if 'depth' in row else '')
 
 
 def command(row: dict) -> list[str]:
@@ -94,7 +100,7 @@ def markdown(rows: list[dict], header: dict) -> str:
       'GiB per chip | fits | step (ms) | tokens/s/chip | MFU <= | chip-hours | compile train (s) | commit, date |',
       '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
-  for row in rows:
+  for row in [r for r in rows if 'depth' not in r]:
     if 'error' in row:
       lines.append(f"| {row['name']} | {row['slice']} | | | | | error: {row['error']} | | | | | | "
                    f"{row['commit']}, {row['date']} |")
@@ -121,6 +127,13 @@ def markdown(rows: list[dict], header: dict) -> str:
         f"{'yes' if r['fits'] else 'no'} | {step} | {rate} | {mfu} | "
         f"{f'{hours:,.0f}' if hours else '-'} ({tokens:.3g} tokens) | {r['train']['compile_s']:.0f} | "
         f"{row['commit']}, {row['date']} |")
+  lines += ['', '## Compile time against depth', '',
+            f'The baseline on {DEPTH_ROWS[0]["slice"]}, train step only; scanned layers compile one layer body.', '',
+            '| layers | scanned | train step compile (s) | train GiB per chip |', '|---|---|---|---|']
+  for row in [r for r in rows if 'depth' in r and 'report' in r]:
+    train = row['report']['train']
+    memory = gib(train['total_bytes']) if 'total_bytes' in train else f"needs {gib(train['needed_temp_bytes'])}"
+    lines.append(f"| {row['depth']} | {'yes' if row['scan'] else 'no'} | {train['compile_s']:.0f} | {memory} |")
   return '\n'.join(lines) + '\n'
 
 
@@ -135,7 +148,7 @@ def main():
   if out.with_suffix('.json').exists():
     previous = {row_key(r): r for r in json.loads(out.with_suffix('.json').read_text())['rows']}
   rows = []
-  for row in ROWS:
+  for row in ROWS + DEPTH_ROWS:
     if only and row['name'] not in only and row_key(row) in previous:
       rows.append(previous[row_key(row)])
       continue

@@ -19,6 +19,10 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+  splash_attention_kernel as splash,
+  splash_attention_mask as splash_masks,
+)
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -223,8 +227,10 @@ def reference_attention(q, k, v, mask=None, bias=None):
   return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
 
 
-# `model.attention_impl`; `auto` in a config is resolved by `train.config` (einsum on CPU, fused elsewhere).
-ATTENTION_IMPLS = ('reference', 'einsum', 'fused', 'xla', 'cudnn')
+# `model.attention_impl`; `auto` in a config is resolved by `train.config` for the target platform
+# (einsum on CPU, splash on TPU, fused on GPU).
+ATTENTION_IMPLS = ('reference', 'einsum', 'fused', 'xla', 'cudnn', 'splash')
+SPLASH_BLOCKS = (512, 256, 128)   # the splash kernel's tile along both lengths: the largest dividing them
 
 
 def check_attention_impl(impl: str) -> None:
@@ -240,7 +246,13 @@ def dot_product_attention(q, k, v, mask=None, bias=None, is_causal: bool = False
     fused      `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPU where shapes
                allow and XLA elsewhere; `is_causal` masks by index inside the kernel (no [q, k] mask)
     xla, cudnn `jax.nn.dot_product_attention` forced to that implementation
+    splash     TPU: the Pallas splash kernel (`splash_attention`) for causal self-attention without mask or
+               bias, at lengths that are a multiple of 128; `fused` (XLA) for every other call
   A query with every key masked averages the values (zeros for `reference`)."""
+  if impl == 'splash':
+    if is_causal and mask is None and bias is None and q.shape[1] == k.shape[1] and q.shape[1] % SPLASH_BLOCKS[-1] == 0:
+      return splash_attention(q, k, v)
+    impl = 'fused'
   if impl in ('fused', 'xla', 'cudnn'):
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
                                         implementation=None if impl == 'fused' else impl)
@@ -256,6 +268,34 @@ def dot_product_attention(q, k, v, mask=None, bias=None, is_causal: bool = False
   if mask is not None:
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+
+
+def splash_attention(q, k, v):
+  """Causal attention over [b, len, h, d] (as many key as query heads) by the Pallas TPU splash kernel: it
+  skips the blocks above the diagonal and never materialises [len, len] scores, forward or backward. Under
+  `activation_sharding` it runs on each shard of the batch and heads (shard_map: a Pallas kernel is not
+  partitioned by XLA); on a mesh or host that is not a TPU it runs in the Pallas interpreter (the tests)."""
+  length, head_dim = q.shape[1], q.shape[-1]
+  block = next(b for b in SPLASH_BLOCKS if length % b == 0)
+  active = _ACTIVATION_SHARDING.get()
+  platform = active[0].devices.flat[0].platform if active else jax.default_backend()
+
+  def attend(q, k, v):   # [b, h, len, d] on one shard
+    kernel = splash.make_splash_mha(
+        splash_masks.MultiHeadMask([splash_masks.CausalMask((length, length))] * q.shape[1]), head_shards=1, q_seq_shards=1,
+        block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                      block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                                      block_kv_dq=block),
+        interpret=platform != 'tpu')
+    return jax.vmap(kernel)(q, k, v)
+
+  if active:
+    mesh, rules = active
+    spec = nn.logical_to_mesh_axes(('batch', 'act_heads', None, None), rules)
+    attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  out = attend(heads_first(q * head_dim ** -0.5), heads_first(k), heads_first(v))
+  return heads_first(out)
 
 
 class Attention(nn.Module):

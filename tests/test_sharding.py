@@ -57,14 +57,18 @@ def test_2x2x2_mesh_trains_like_one_device(model, make_config, tmp_path, specs):
   out = run_module('train', *config_flags(sharded_config), '--workdir', str(tmp_path / 'eight'), env=EIGHT_DEVICES)
   assert out.returncode == 0, out.stderr
   losses = lambda run: [r['loss'] for r in map(json.loads, open(tmp_path / run / 'metrics.jsonl')) if 'loss' in r]
-  # Step 1 sees identical parameters and data: only summation order differs. Later steps add up
-  # rounding through the optimizer (Grassmann's Plücker normalisation amplifies it while the reduced
-  # vectors are still small), hence the looser check on the last step and the evaluation. MoR's gated
-  # scatter-adds over three recursions reorder more sums (its step-1 gap is ~6e-6).
-  assert losses('eight')[0] == pytest.approx(losses('one')[0], rel=2e-5 if model == 'mor' else 1e-6)
+  # Step 1 sees identical parameters and data: only summation order differs (the activation hints make the
+  # partitioner split contractions over fsdp and tensor). Later steps add up rounding through the optimizer,
+  # hence the looser check on the last step and the evaluation. Grassmann's Plücker normalisation p / ||p||
+  # turns float32 rounding of near-zero p at initialisation into a 4e-4 gap at step 1, and into 1e-3 after
+  # four steps for TokenFormer's normalised Pattention scores too; MoR's gated scatter-adds over three
+  # recursions reorder more sums (its step-1 gap is ~6e-6).
+  step_one = {'mor': 2e-5, 'grassmann': 1e-3}.get(model, 1e-6)
+  assert losses('eight')[0] == pytest.approx(losses('one')[0], rel=step_one)
   sharded = json.loads(out.stdout.strip().splitlines()[-1])
-  assert sharded['loss'] == pytest.approx(single['loss'], rel=1e-3)
-  assert sharded['eval_loss'] == pytest.approx(single['eval_loss'], rel=1e-3)
+  later = 3e-3 if model in ('grassmann', 'tokenformer') else 1e-3
+  assert sharded['loss'] == pytest.approx(single['loss'], rel=later)
+  assert sharded['eval_loss'] == pytest.approx(single['eval_loss'], rel=later)
 
   # The layout the rules produce: every matrix is split over fsdp and/or tensor.
   specs = specs['tiny'][model]

@@ -15,6 +15,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')   # libtpu would otherwise look for a local TPU at start-up
+# This process opens no TPU, so it need not hold libtpu's one-process lock (/tmp/libtpu_lockfile): compilations
+# (and test workers) can run side by side.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
@@ -184,11 +187,12 @@ def compile_for(config, topology: str, *, eval_step: bool = True, decode_step: b
   compiled, report['train'] = compile_step(lambda: run.lower_train_step(state, batch), capacity)
   if compiled is not None:
     tokens = t.batch_size * t.seq_len
-    cost = cost_of(compiled)
+    cost, text = cost_of(compiled), compiled.as_text()
     traced = matmul_flops(jax.make_jaxpr(run.make_train_step())(state, batch)) / n_devices
     analytic = setup.model.flops_per_token(t.seq_len) * tokens / n_devices   # forward + backward, per device
     report['train'].update(**cost, matmul_flops=traced, analytic_flops=analytic,
-                           collectives=collective_counts(compiled.as_text()))
+                           collectives=collective_counts(text),
+                           pallas_kernels=text.count('custom_call_target="tpu_custom_call"'))
     report.update(step_estimate(cost, traced, analytic, peak=peak, bandwidth=chip.hbm_bandwidth / devices_per_chip,
                                 tokens_per_device=tokens / n_devices))
   key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,

@@ -100,17 +100,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(str(e)) from None
 
 
-# What 'auto' means on an accelerator (GPU, TPU) and on CPU: bfloat16 compute, rematerialised blocks and the
-# fused attention kernel where memory bandwidth and capacity bind; float32 (bf16 is emulated on CPU), no remat
-# and XLA:CPU's fastest attention (two einsums, layers.dot_product_attention) on CPU.
-AUTO = {'dtype': ('bfloat16', 'float32'), 'remat': ('full', 'none'), 'attention_impl': ('fused', 'einsum')}
+# What 'auto' means on each platform: bfloat16 compute and rematerialised blocks on accelerators, where memory
+# bandwidth and capacity bind; on TPU the splash kernel for causal attention (XLA's elsewhere), on GPU the fused
+# path (cuDNN flash attention where shapes allow). On CPU float32 (bf16 is emulated), no remat and XLA:CPU's
+# fastest attention (two einsums, layers.dot_product_attention).
+AUTO = {
+    'dtype': {'cpu': 'float32', 'gpu': 'bfloat16', 'tpu': 'bfloat16'},
+    'remat': {'cpu': 'none', 'gpu': 'full', 'tpu': 'full'},
+    'attention_impl': {'cpu': 'einsum', 'gpu': 'fused', 'tpu': 'splash'},
+}
 
 
-def accelerator_defaults(model_config: ml_collections.ConfigDict, backend: str) -> None:
-  """Resolve the model keys left at 'auto' for `backend` (see AUTO)."""
-  for key, (accelerator, cpu) in AUTO.items():
+def accelerator_defaults(model_config: ml_collections.ConfigDict, platform: str) -> None:
+  """Resolve the model keys left at 'auto' for `platform` (see AUTO; another accelerator is taken as a GPU)."""
+  for key, by_platform in AUTO.items():
     if model_config.get(key) == 'auto':
-      model_config[key] = cpu if backend == 'cpu' else accelerator
+      model_config[key] = by_platform.get(platform, by_platform['gpu'])
 
 
 def build_model(config, vocab_size: int | None = None, platform: str | None = None) -> models.LanguageModel:
