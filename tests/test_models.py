@@ -17,9 +17,15 @@ from golden.record import GOLDEN, twenty_step_losses
 
 import models
 from models import sampling
-from train import checkpoint, setup as setup_lib
+from train import checkpoint, config as config_lib, setup as setup_lib
 
 NAMES = models.names()
+# The published sizes of the paper presets (../shared/specs/): GPT-2 small at a 50,304 vocabulary; TokenFormer's
+# 354M stage; Grassmann's 12-layer 17.41M; MoR's N_r = 3 and vanilla 360M rows (118M and 315M non-embedding, plus
+# the tied 49,152 x 960 embedding); HAT 1B (1.19B with the byte modules); ByT5-small's 300M; Landmark's 151M
+# non-embedding plus the 50,304 x 1,024 embedding; Lexinvariant's 150M.
+PAPER_PARAMS = {'transformer': 124.4e6, 'tokenformer': 354.2e6, 'grassmann': 17.41e6, 'mor': 165.2e6,
+                'llama': 362.2e6, 'hat': 1.19e9, 'mrt5': 300e6, 'landmark': 202.5e6, 'lexinvariant': 150e6}
 # Formats whose generation is not one token per step: where their generation is checked against the
 # teacher-forced forward pass instead.
 GENERATION_TESTED_IN = {
@@ -67,6 +73,28 @@ def test_twenty_step_losses_are_unchanged(name, cache_dir):
   that is meant to alter training, and say so in its commit)."""
   golden = json.loads(GOLDEN.read_text())
   np.testing.assert_allclose(twenty_step_losses(name, cache_dir), golden[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_abstract_batch_has_the_shapes_of_a_real_one(name, cache_dir):
+  """What train.aot compiles on (no data read) is what training feeds."""
+  setup, _, batch = built(name, cache_dir)
+  assert {k: (v.shape, v.dtype) for k, v in setup.abstract_batch().items()} == \
+      {k: (v.shape, v.dtype) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_paper_preset_builds_at_its_published_size(name):
+  """Every architecture's `paper` preset (experiments/configs/paper.py) validates, and its parameter count,
+  by formula, is the one its spec gives."""
+  from experiments.configs import paper
+  if name not in paper.RUNS:
+    pytest.skip(f'{name} shares its module with a model that has a paper row')
+  config = paper.get_config(name)
+  vocab = config.data.vocab_size if config.data.tokenizer != 'byte' else 257
+  model = config_lib.build_model(config, vocab_size=vocab + models.model_class(name).extra_output_symbols,
+                                 platform='tpu')
+  assert model.analytic_param_count() == pytest.approx(PAPER_PARAMS[name], rel=0.01)
 
 
 def test_every_registered_model_has_a_tiny_shape_and_a_golden_record():

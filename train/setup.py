@@ -130,12 +130,13 @@ class Setup:
     return init(jax.random.key(self.config.seed))
 
   def abstract_batch(self) -> dict:
-    """The global training batch as shapes and shardings, from the format's batch of all-zero windows."""
+    """The global training batch as shapes and shardings: the format's batch of one all-zero window, its
+    leading axis set to train.batch_size (a format's shapes depend on the config, not the data)."""
     t = self.config.train
-    windows = np.zeros((t.batch_size, t.seq_len + 1), np.int32)
-    example = self.format.build(windows, np.ones(windows.shape, bool), self.config.model)
+    window = np.zeros((1, t.seq_len + 1), np.int32)
+    example = self.format.build(window, np.ones(window.shape, bool), self.config.model)
     shard = sharding.batch_sharding(self.mesh)
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shard) for k, v in example.items()}
+    return {k: jax.ShapeDtypeStruct((t.batch_size, *v.shape[1:]), v.dtype, sharding=shard) for k, v in example.items()}
 
   def global_batch(self, local_batch: dict) -> dict:
     return sharding.global_batch(local_batch, self.mesh)
