@@ -2,7 +2,7 @@
 host by `python -m train.aot`: per-chip memory, whether it fits, a step-time bound, MFU and the chip-hours
 of the paper's main run. Writes results/tpu-aot.json and results/tpu-aot.md.
 
-  python -m experiments.tpu_aot [--only NAME[,NAME]] [--out results/tpu-aot]
+  python -m experiments.tpu_aot [--only NAME[,NAME]] [--out results/tpu-aot] [--render]
 
 Each row compiles in its own process (libtpu, and the memory of one compilation at a time). `--only` reruns
 some rows and keeps the others from the JSON already written.
@@ -21,6 +21,7 @@ import sys
 from importlib import metadata
 
 from experiments.configs import paper
+from train import aot
 
 # v5e-16 (16 chips of 16 GiB) and v5p-64 (32 chips of 95 GiB; Google counts v5p in TensorCores); v6e-8 (8 chips
 # of 32 GiB) for the one small model. The micro-batch
@@ -127,6 +128,10 @@ def markdown(rows: list[dict], header: dict) -> str:
         f"{'yes' if r['fits'] else 'no'} | {step} | {rate} | {mfu} | "
         f"{f'{hours:,.0f}' if hours else '-'} ({tokens:.3g} tokens) | {r['train']['compile_s']:.0f} | "
         f"{row['commit']}, {row['date']} |")
+  lines += ['', '## The chips', '', '| chip | jax device kind | HBM per chip | peak bf16 | HBM bandwidth | source |',
+            '|---|---|---|---|---|---|']
+  lines += [f'| {c.name} | {c.device_kind} | {c.hbm_bytes / 2 ** 30:.0f} GiB | {c.peak_bf16 / 1e12:.0f} TFLOP/s | '
+            f'{c.hbm_bandwidth / 1e9:,.0f} GB/s | {c.source} |' for c in aot.CHIPS.values()]
   lines += ['', '## Compile time against depth', '',
             f'The baseline on {DEPTH_ROWS[0]["slice"]}, train step only; scanned layers compile one layer body.', '',
             '| layers | scanned | train step compile (s) | train GiB per chip |', '|---|---|---|---|']
@@ -141,12 +146,17 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--only', default='', help='comma-separated model names to (re)compile')
   parser.add_argument('--out', default='results/tpu-aot')
+  parser.add_argument('--render', action='store_true', help='only rewrite the markdown from the JSON')
   args = parser.parse_args()
   only = set(filter(None, args.only.split(',')))
   out = pathlib.Path(args.out)
   previous = {}
   if out.with_suffix('.json').exists():
-    previous = {row_key(r): r for r in json.loads(out.with_suffix('.json').read_text())['rows']}
+    written = json.loads(out.with_suffix('.json').read_text())
+    if args.render:
+      out.with_suffix('.md').write_text(markdown(written['rows'], written['header']))
+      return
+    previous = {row_key(r): r for r in written['rows']}
   rows = []
   for row in ROWS + DEPTH_ROWS:
     if only and row['name'] not in only and row_key(row) in previous:

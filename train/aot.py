@@ -48,12 +48,13 @@ class Chip:
   source: str
 
 
-# Google Cloud's published per-chip figures (checked 2026-12-02 against the pages named).
+# Google Cloud's published per-chip figures (checked 2026-12-02 against the pages named; they give v4 in GiB and
+# the others in "GB": the compiler's own free-HBM figure, e.g. 15.75 GiB on v5e, is what refuses a program).
 CHIPS = {c.name: c for c in (
-    Chip('v4', 'TPU v4', 32 * GIB, 275e12, 1200e9, 'https://cloud.google.com/tpu/docs/v4'),
-    Chip('v5e', 'TPU v5 lite', 16 * GIB, 197e12, 819e9, 'https://cloud.google.com/tpu/docs/v5e'),
-    Chip('v5p', 'TPU v5', 95 * GIB, 459e12, 2765e9, 'https://cloud.google.com/tpu/docs/v5p'),
-    Chip('v6e', 'TPU v6 lite', 32 * GIB, 918e12, 1640e9, 'https://cloud.google.com/tpu/docs/v6e'),
+    Chip('v4', 'TPU v4', 32 * GIB, 275e12, 1200e9, 'https://docs.cloud.google.com/tpu/docs/v4'),
+    Chip('v5e', 'TPU v5 lite', 16 * GIB, 197e12, 819e9, 'https://docs.cloud.google.com/tpu/docs/v5e'),
+    Chip('v5p', 'TPU v5', 95 * GIB, 459e12, 2765e9, 'https://docs.cloud.google.com/tpu/docs/v5p'),
+    Chip('v6e', 'TPU v6 lite', 32 * GIB, 918e12, 1638e9, 'https://docs.cloud.google.com/tpu/docs/v6e'),
 )}
 TOPOLOGY_PATTERN = re.compile(r'^(v4|v5e|v5p|v6e):\d+(x\d+){1,2}$')
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
