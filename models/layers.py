@@ -250,7 +250,8 @@ def dot_product_attention(q, k, v, mask=None, bias=None, is_causal: bool = False
                bias, at lengths that are a multiple of 128; `fused` (XLA) for every other call
   A query with every key masked averages the values (zeros for `reference`)."""
   if impl == 'splash':
-    if is_causal and mask is None and bias is None and q.shape[1] == k.shape[1] and q.shape[1] % SPLASH_BLOCKS[-1] == 0:
+    self_attention = q.shape[1] == k.shape[1] and q.shape[1] % SPLASH_BLOCKS[-1] == 0
+    if is_causal and mask is None and bias is None and self_attention:
       return splash_attention(q, k, v)
     impl = 'fused'
   if impl in ('fused', 'xla', 'cudnn'):
@@ -274,15 +275,18 @@ def splash_attention(q, k, v):
   """Causal attention over [b, len, h, d] (as many key as query heads) by the Pallas TPU splash kernel: it
   skips the blocks above the diagonal and never materialises [len, len] scores, forward or backward. Under
   `activation_sharding` it runs on each shard of the batch and heads (shard_map: a Pallas kernel is not
-  partitioned by XLA); on a mesh or host that is not a TPU it runs in the Pallas interpreter (the tests)."""
+  partitioned by XLA); on a CPU mesh or host it runs in the Pallas interpreter (the tests)."""
   length, head_dim = q.shape[1], q.shape[-1]
   block = next(b for b in SPLASH_BLOCKS if length % b == 0)
   active = _ACTIVATION_SHARDING.get()
   platform = active[0].devices.flat[0].platform if active else jax.default_backend()
+  if platform not in ('tpu', 'cpu'):
+    raise ValueError(f'model.attention_impl=splash is a TPU kernel (on {platform}: fused or cudnn)')
 
   def attend(q, k, v):   # [b, h, len, d] on one shard
     kernel = splash.make_splash_mha(
-        splash_masks.MultiHeadMask([splash_masks.CausalMask((length, length))] * q.shape[1]), head_shards=1, q_seq_shards=1,
+        splash_masks.MultiHeadMask([splash_masks.CausalMask((length, length))] * q.shape[1]), head_shards=1,
+        q_seq_shards=1,
         block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                                       block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                                       block_kv_dq=block),
