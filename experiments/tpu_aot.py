@@ -157,6 +157,9 @@ def main():
       out.with_suffix('.md').write_text(markdown(written['rows'], written['header']))
       return
     previous = {row_key(r): r for r in written['rows']}
+  header = {'host': f'{os.cpu_count()}-core {platform.machine()} CPU', 'jax': metadata.version('jax'),
+            'libtpu': metadata.version('libtpu')}
+  out.parent.mkdir(parents=True, exist_ok=True)
   rows = []
   for row in ROWS + DEPTH_ROWS:
     if only and row['name'] not in only and row_key(row) in previous:
@@ -165,12 +168,9 @@ def main():
     result = compile_row(row)
     print(json.dumps({k: v for k, v in result.items() if k != 'report'}), file=sys.stderr, flush=True)
     rows.append(result)
-  header = {'host': f'{os.cpu_count()}-core {platform.machine()} CPU', 'jax': metadata.version('jax'),
-            'libtpu': metadata.version('libtpu')}
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix('.json').write_text(json.dumps({'header': header, 'rows': rows}, indent=1) + '\n')
+    # after every row: an interrupted run keeps what it compiled (rerun with --only for the rest)
+    out.with_suffix('.json').write_text(json.dumps({'header': header, 'rows': rows}, indent=1) + '\n')
   out.with_suffix('.md').write_text(markdown(rows, header))
-
 
 if __name__ == '__main__':
   main()
