@@ -2,7 +2,7 @@
 host by `python -m train.aot`: per-chip memory, whether it fits, a step-time bound, MFU and the chip-hours
 of the paper's main run. Writes results/tpu-aot.json and results/tpu-aot.md.
 
-  python -m experiments.tpu_aot [--only NAME[,NAME]] [--out results/tpu-aot] [--render]
+  python -m experiments.tpu_aot [--only NAME|depth[,...]] [--out results/tpu-aot] [--render]
 
 Each row compiles in its own process (libtpu, and the memory of one compilation at a time). `--only` reruns
 some rows and keeps the others from the JSON already written.
@@ -93,7 +93,8 @@ def markdown(rows: list[dict], header: dict) -> str:
       'Memory is per chip, XLA\'s own memory analysis of the compiled step (arguments + outputs - aliased + '
       'temporaries, or its peak where larger); "no" rows are refused by the compiler, which reports what it needs. '
       'The step time is a lower bound: the traced matmul FLOPs at the chip\'s peak bf16 rate, or XLA\'s roofline '
-      '(flops and bytes) where that is larger and XLA counted every layer; it sees no collectives, so MFU '
+      '(flops and bytes) where that is larger and XLA counted every layer (the Pallas splash kernel counted over '
+      'its whole grid, as if attention were not causal); it sees no collectives, so MFU '
       '(analytic model FLOPs / step time / peak) is an upper bound. Chip-hours are the paper\'s main run '
       '(its tokens, experiments/configs/paper.py) at that rate.',
       '',
@@ -144,7 +145,7 @@ def markdown(rows: list[dict], header: dict) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--only', default='', help='comma-separated model names to (re)compile')
+  parser.add_argument('--only', default='', help='comma-separated model names (or depth) to (re)compile')
   parser.add_argument('--out', default='results/tpu-aot')
   parser.add_argument('--render', action='store_true', help='only rewrite the markdown from the JSON')
   args = parser.parse_args()
@@ -162,7 +163,8 @@ def main():
   out.parent.mkdir(parents=True, exist_ok=True)
   rows = []
   for row in ROWS + DEPTH_ROWS:
-    if only and row['name'] not in only and row_key(row) in previous:
+    chosen = ('depth' if 'depth' in row else row['name']) in only
+    if only and not chosen and row_key(row) in previous:
       rows.append(previous[row_key(row)])
       continue
     result = compile_row(row)

@@ -17,6 +17,7 @@ from conftest import ROOT, tiny_config
 pytest.importorskip('libtpu', reason="needs libtpu: pip install -e '.[test]'")
 
 from experiments.configs import quickstart  # noqa: E402
+from models import layers  # noqa: E402
 from train import aot, config as config_lib, setup as setup_lib, sharding, trainer  # noqa: E402
 
 TOPOLOGY = 'v5e:2x2'   # the smallest slice: 4 chips
@@ -127,6 +128,9 @@ def test_matmul_flops_counts_every_scanned_layer_and_the_costliest_branch():
   assert aot.matmul_flops(scanned) == 5 * 2 * 8 * 16 * 16
   branches = jax.make_jaxpr(lambda p, x: jax.lax.cond(p, lambda x: x @ x.T @ x, lambda x: x, x))(True, x)
   assert aot.matmul_flops(branches) == 2 * 8 * 16 * 8 + 2 * 8 * 8 * 16
+  q = jnp.zeros((1, 384, 2, 32))   # splash: 2 heads x 3 x 3 tiles of 128, each two 128 x 32 x 128 products
+  kernel = jax.make_jaxpr(lambda q: layers.dot_product_attention(q, q, q, is_causal=True, impl='splash'))(q)
+  assert aot.matmul_flops(kernel) == 2 * 3 * 3 * 2 * (2 * 128 * 32 * 128)
   rematted = jax.make_jaxpr(jax.grad(lambda w: jax.checkpoint(lambda w: (x @ w).sum())(w)))(w[0])
   assert aot.matmul_flops(rematted) == 2 * (2 * 8 * 16 * 16)   # the backward's one matmul and the forward
 

@@ -107,8 +107,10 @@ def cost_of(compiled) -> dict:
 
 def matmul_flops(jaxpr) -> float:
   """FLOPs of every dot_general in a (closed) jaxpr, through its sub-jaxprs: a scan's body counts `length`
-  times, a cond its costliest branch, and rematerialised forwards once more where the backward recomputes
-  them. XLA's cost analysis counts a loop body once, so it undercounts scanned layers."""
+  times, a cond its costliest branch, a Pallas kernel's body once per grid point (splash's blocks above the
+  diagonal included, which it skips: its attention is counted as if not causal), and rematerialised
+  forwards once more where the backward recomputes them. XLA's cost analysis counts a loop body once, so
+  it undercounts scanned layers, and it does not see into Pallas kernels."""
   jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
   total = 0.0
   for eqn in jaxpr.eqns:
@@ -121,6 +123,8 @@ def matmul_flops(jaxpr) -> float:
     subs += [b for v in eqn.params.values() if isinstance(v, tuple) for b in v if hasattr(b, 'jaxpr')]
     if eqn.primitive.name == 'cond':
       total += max(matmul_flops(b) for b in eqn.params['branches'])
+    elif eqn.primitive.name == 'pallas_call':   # the kernel body runs once per grid point
+      total += math.prod(eqn.params['grid_mapping'].grid) * matmul_flops(eqn.params['jaxpr'])
     elif subs:
       times = eqn.params['length'] if eqn.primitive.name == 'scan' else 1
       total += times * sum(matmul_flops(sub) for sub in subs)
