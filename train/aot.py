@@ -34,7 +34,6 @@ from absl import flags  # noqa: E402
 from models import sampling  # noqa: E402
 from train import config as config_lib, setup as setup_lib, sharding, trainer  # noqa: E402
 
-GB = 1e9
 GIB = 2 ** 30
 
 
@@ -138,12 +137,6 @@ def out_of_memory(message: str) -> tuple[int, int] | None:
     return None
   scale = {'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
   return (int(float(found[1]) * scale[found[2]]), int(float(found[3]) * scale[found[4]]))
-
-
-def timed_compile(lower):
-  start = time.perf_counter()
-  compiled = lower().compile()
-  return compiled, time.perf_counter() - start
 
 
 def abstract_decode_inputs(setup):
