@@ -49,8 +49,8 @@ def sharded_tokenformer():
 def test_sharded_parameters_follow_the_rule_table():
   config = sharded_tokenformer()
   setup = setup_lib.Setup(config, None, devices=aot.topology_devices(TOPOLOGY), load_data=False)
-  compiled = trainer.Trainer(config, None, setup=setup).lower_train_step(setup.abstract_state,
-                                                                         setup.abstract_batch()).compile()
+  compiled = trainer.Trainer(config, None, setup=setup).compile_train_step(setup.abstract_state,
+                                                                           setup.abstract_batch())
   assert aot.memory_of(compiled)['total_bytes'] < aot.CHIPS['v5e'].hbm_bytes
   params = setup.abstract_state['params']
   compiled_params = compiled.input_shardings[0][0]['params']

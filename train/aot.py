@@ -1,6 +1,6 @@
 """python -m train.aot --config FILE[:ARG] --topology v5e:4x4 [--config.KEY=VALUE ...]
 
-Compiles, from this host and without a TPU, the trainer's own train step (`Trainer.lower_train_step`), the
+Compiles, from this host and without a TPU, the trainer's own train step (`Trainer.trace_train_step`), the
 eval step and the cached decode step for a TPU pod slice, on abstract state and batch shapes: no data is
 read and no array allocated. It prints per-chip memory against the chip's HBM, XLA's flops against the
 analytic count, a roofline step time with tokens/s and MFU, the collectives in the compiled train step and
@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import flags  # noqa: E402
 
 from models import sampling  # noqa: E402
-from train import config as config_lib, setup as setup_lib, sharding, trainer  # noqa: E402
+from train import config as config_lib, metrics as metrics_lib, setup as setup_lib, sharding, trainer  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -42,18 +42,22 @@ class Chip:
   name: str            # the topology prefix: v5e in v5e:4x4
   device_kind: str     # jax's device_kind
   hbm_bytes: float     # per chip
-  peak_bf16: float     # dense bf16 FLOP/s per chip
   hbm_bandwidth: float  # bytes/s per chip
   source: str
+
+  @property
+  def peak_bf16(self) -> float:
+    """Dense bf16 FLOP/s per chip: the trainer's MFU table (train.metrics.PEAK_FLOPS)."""
+    return metrics_lib.PEAK_FLOPS[self.device_kind.lower()]
 
 
 # Google Cloud's published per-chip figures (checked 2026-12-02 against the pages named; they give v4 in GiB and
 # the others in "GB": the compiler's own free-HBM figure, e.g. 15.75 GiB on v5e, is what refuses a program).
 CHIPS = {c.name: c for c in (
-    Chip('v4', 'TPU v4', 32 * GIB, 275e12, 1200e9, 'https://docs.cloud.google.com/tpu/docs/v4'),
-    Chip('v5e', 'TPU v5 lite', 16 * GIB, 197e12, 819e9, 'https://docs.cloud.google.com/tpu/docs/v5e'),
-    Chip('v5p', 'TPU v5', 95 * GIB, 459e12, 2765e9, 'https://docs.cloud.google.com/tpu/docs/v5p'),
-    Chip('v6e', 'TPU v6 lite', 32 * GIB, 918e12, 1638e9, 'https://docs.cloud.google.com/tpu/docs/v6e'),
+    Chip('v4', 'TPU v4', 32 * GIB, 1200e9, 'https://docs.cloud.google.com/tpu/docs/v4'),
+    Chip('v5e', 'TPU v5 lite', 16 * GIB, 819e9, 'https://docs.cloud.google.com/tpu/docs/v5e'),
+    Chip('v5p', 'TPU v5', 95 * GIB, 2765e9, 'https://docs.cloud.google.com/tpu/docs/v5p'),
+    Chip('v6e', 'TPU v6 lite', 32 * GIB, 1638e9, 'https://docs.cloud.google.com/tpu/docs/v6e'),
 )}
 TOPOLOGY_PATTERN = re.compile(r'^(v4|v5e|v5p|v6e):\d+(x\d+){1,2}$')
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
@@ -182,11 +186,12 @@ def compile_for(config, topology: str, *, eval_step: bool = True, decode_step: b
       'dtype': getattr(setup.model, 'dtype', None), 'remat': getattr(setup.model, 'remat', None),
       'params': setup.param_counts['params'], 'capacity_bytes': int(capacity),
   }
-  compiled, report['train'] = compile_step(lambda: run.lower_train_step(state, batch), capacity)
+  traced_step = run.trace_train_step(state, batch)
+  compiled, report['train'] = compile_step(traced_step.lower, capacity)
   if compiled is not None:
     tokens = t.batch_size * t.seq_len
     cost, text = cost_of(compiled), compiled.as_text()
-    traced = matmul_flops(jax.make_jaxpr(run.make_train_step())(state, batch)) / n_devices
+    traced = matmul_flops(traced_step.jaxpr) / n_devices
     analytic = setup.model.flops_per_token(t.seq_len) * tokens / n_devices   # forward + backward, per device
     report['train'].update(**cost, matmul_flops=traced, analytic_flops=analytic,
                            collectives=collective_counts(text),

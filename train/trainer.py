@@ -66,16 +66,16 @@ class Trainer:
 
     return train_step
 
-  def lower_train_step(self, state, batch):
-    """The sharded train step lowered for the shapes of `state` and `batch` (arrays, or abstract ones:
-    `train.aot`); compiled, it donates the state it is given."""
+  def trace_train_step(self, state, batch) -> jax.stages.Traced:
+    """The sharded train step traced for the shapes of `state` and `batch` (arrays, or abstract ones:
+    `train.aot`, which also reads its jaxpr); lowered and compiled, it donates the state it is given."""
     setup = self.setup
     return jax.jit(self.make_train_step(), in_shardings=(setup.state_shardings, sharding.batch_sharding(setup.mesh)),
                    out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
-                   donate_argnums=0).lower(state, batch)
+                   donate_argnums=0).trace(state, batch)
 
   def compile_train_step(self, state, batch):
-    return self.lower_train_step(state, batch).compile()
+    return self.trace_train_step(state, batch).lower().compile()
 
   def _request_stop(self, signum, frame):
     self.stop_requested.set()
