@@ -20,6 +20,7 @@ import subprocess
 import sys
 from importlib import metadata
 
+from experiments import run
 from experiments.configs import paper
 from train import aot
 
@@ -78,14 +79,10 @@ def command(row: dict) -> list[str]:
   return [sys.executable, '-m', 'train.aot', *args]
 
 
-def git_commit() -> str:
-  return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
-
-
 def compile_row(row: dict) -> dict:
   cmd = command(row)
   done = subprocess.run(cmd, capture_output=True, text=True)
-  stamp = {'command': ' '.join(['python', *cmd[1:]]), 'commit': git_commit(), 'date': datetime.date.today().isoformat()}
+  stamp = {'command': ' '.join(['python', *cmd[1:]]), 'commit': run.git_commit(), 'date': datetime.date.today().isoformat()}
   if done.returncode:
     error = [line for line in done.stderr.splitlines() if line.strip()][-1]
     return {**row, **stamp, 'error': error}
