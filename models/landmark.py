@@ -15,7 +15,7 @@ values are never read; a landmark query never sees its own key.
 Long inputs (evaluation with `inference=cached`, and every decode call) run in chunks of `local_len`
 tokens. Each layer keeps a ring of the last `mem_blocks` complete blocks plus the current incomplete
 one (keys unrotated, values). Per query and head the cached landmarks are scored, the `topk` blocks
-retrieved and attended, with the local window, through the same grouped softmax at the paper's
+retrieved (ties to the most recent block; only real queries vote in `retrieval='head'`) and attended, with the local window, through the same grouped softmax at the paper's
 "stingy" RoPE positions. The cache size depends on `mem_blocks`, not on the input length.
 
 `landmarks=False` is the same model without landmarks (plain causal attention): the baseline.
@@ -188,7 +188,7 @@ class LandmarkAttention(layers.Attention):
       out = layers.dot_product_attention(q_rot, repeat(k_rot), repeat(v_win), mask=causal & kv_valid, impl=self.impl)
       return self.project_out(out, x.shape[-1]), memory
     if memory is not None:
-      retrieved = self._retrieve(q_rot, repeat(ring_k), repeat(ring_v), completed)
+      retrieved = self._retrieve(q_rot, repeat(ring_k), repeat(ring_v), completed, slot_valid)
     if self.impl == 'reference' and memory is None:   # the naive definition, over the window in slot order
       is_landmark = np.arange(window) % block_len == self.block_size
       out = reference_grouped_attention(q_rot, repeat(k_rot), repeat(v_win), is_landmark, slots, kv_valid)
@@ -203,11 +203,14 @@ class LandmarkAttention(layers.Attention):
       memory = (ring_k.at[:, segments].set(reshape(k_win)), ring_v.at[:, segments].set(reshape(v_win)))
     return out, memory
 
-  def _retrieve(self, q, ring_k, ring_v, completed):
+  def _retrieve(self, q, ring_k, ring_v, completed, query_valid):
     """Top-k memory blocks per query and head (or per head / per token), placed at stingy positions.
 
-    q: [b, q, h, d] rotated at its position; ring_k/v: [b, ring, block_len, h, d] unrotated.
-    Returns (k rotated, v, valid) as `grouped_attention` takes them.
+    q: [b, q, h, d] rotated at its position; ring_k/v: [b, ring, block_len, h, d] unrotated; query_valid
+    [q]: the entries that hold a query (not a partial chunk's padding, not the landmark of a block still
+    incomplete), the only ones that vote in `retrieval='head'`. Ties go to the most recent block (in layer
+    0 every older landmark key is the same vector at the same scoring slot). Returns (k rotated, v,
+    valid) as `grouped_attention` takes them.
     """
     block_len = self.block_size + 1
     ring = ring_k.shape[1]
@@ -224,10 +227,15 @@ class LandmarkAttention(layers.Attention):
     scores = jnp.where(candidate, scores.astype(jnp.float32), -jnp.inf)
     if self.retrieval != 'token_and_head':   # one choice per head (max over tokens) or per token (over heads)
       probs = jax.nn.softmax(scores, axis=-1)
+      if self.retrieval == 'head':
+        probs = jnp.where(query_valid[:, None], probs, 0.0)
       axis = 2 if self.retrieval == 'head' else 1
       scores = jnp.where(candidate, jnp.broadcast_to(probs.max(axis, keepdims=True), scores.shape), -jnp.inf)
-    top_scores, chosen = jax.lax.top_k(scores, self.topk)                # [b, h, q, k]
-    valid = jnp.isfinite(top_scores)
+    # A stable sort over the segments in order of recency: equal scores keep the most recent block first.
+    by_recency = jnp.argsort(-age)
+    ranked = jnp.argsort(-scores[..., by_recency], axis=-1, stable=True)[..., :self.topk]   # [b, h, q, k]
+    chosen = by_recency[ranked]
+    valid = candidate[chosen]
     chosen_age = jnp.where(valid, age[chosen], jnp.iinfo(jnp.int32).max)
     order = jnp.argsort(chosen_age, axis=-1)                            # time order, invalid last
     chosen, valid, chosen_age = (jnp.take_along_axis(t, order, -1) for t in (chosen, valid, chosen_age))

@@ -116,6 +116,70 @@ def test_stingy_slots_leave_one_empty_slot_between_far_and_recent():
   assert place([0, -1], 1)[:1] == [0]     # fewer blocks than k: true positions
 
 
+def reference_choice(q, ring_landmark_keys, completed, query_valid, *, mode, topk, mem_blocks, block_len):
+  """The blocks retrieval picks, written per query from the definition: [b, h, q] -> set of block ages.
+
+  q [b, q, h, d] rotated; ring_landmark_keys [b, ring, h, d] unrotated. Candidates: the last mem_blocks
+  complete blocks still in the ring. Scoring slots: the latest k at their own slots, older ones at slot 0.
+  'head' takes each block's best softmax weight over the valid queries, 'token' over the heads; equal
+  scores go to the most recent block."""
+  q, keys = np.asarray(q, np.float64), np.asarray(ring_landmark_keys)
+  batch, n_queries, heads, dim = q.shape
+  ring = keys.shape[1]
+  age_of = {segment: completed - 1 - (completed - 1 - segment) % ring for segment in range(ring)}
+  n_slots = min(completed, topk + 1)
+  blocks = sorted((a for a in age_of.values() if a >= max(0, completed - mem_blocks)), reverse=True)
+  segment_of = {a: s for s, a in age_of.items()}
+  slot = lambda a: n_slots - (completed - a) if a >= completed - topk else 0
+  scores = np.zeros((batch, heads, n_queries, len(blocks)))
+  for j, a in enumerate(blocks):
+    rotated = np.asarray(layers.rope(keys[:, segment_of[a]][:, None], np.full((batch, 1), slot(a) * block_len
+                                                                               + block_len - 1)))[:, 0]
+    scores[..., j] = np.einsum('bqhd,bhd->bhq', q, rotated) / np.sqrt(dim)
+  if mode != 'token_and_head':
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if mode == 'head':
+      scores = np.broadcast_to(probs[:, :, query_valid].max(2, keepdims=True), scores.shape)
+    else:
+      scores = np.broadcast_to(probs.max(1, keepdims=True), scores.shape)
+  # np.argsort(stable) over blocks listed newest first: a tie keeps the newer block
+  picks = np.argsort(-scores, axis=-1, kind='stable')[..., :topk]
+  return np.vectorize(lambda i: blocks[i])(picks)
+
+
+@pytest.mark.parametrize('mode', landmark.RETRIEVAL)
+@pytest.mark.parametrize('completed,tied', [(9, False), (9, True), (3, False)])
+def test_retrieval_picks_the_reference_blocks(mode, completed, tied):
+  """More blocks cached than retrieved (k=2 of up to 5), an evicted ring (9 blocks through 7 segments), a
+  partial chunk (padding and an incomplete block's landmark among the queries) and, with `tied`, the
+  layer-0 case of identical older landmark keys: the blocks picked are the reference's, and the invalid
+  queries have no say in them."""
+  topk, mem_blocks, ring, heads, dim, n_queries = 2, 5, 7, 2, 8, 6
+  attention = landmark.LandmarkAttention(num_heads=heads, head_dim=dim, block_size=BLOCK, topk=topk,
+                                         mem_blocks=mem_blocks, retrieval=mode)
+  keys = jax.random.split(jax.random.key(completed + tied), 3)
+  q = 3 * jax.random.normal(keys[0], (2, n_queries, heads, dim))
+  ring_k = jax.random.normal(keys[1], (2, ring, BLOCK + 1, heads, dim))
+  if tied:   # every segment holds the same landmark key
+    ring_k = ring_k.at[:, :, -1].set(ring_k[:, :1, -1])
+  ages = np.array([completed - 1 - (completed - 1 - s) % ring for s in range(ring)])
+  ring_v = jnp.broadcast_to(jnp.asarray(ages, jnp.float32)[None, :, None, None, None], ring_k.shape)
+  query_valid = np.array([True, True, True, False, True, False])
+  retrieve = jax.jit(lambda q: attention._retrieve(q, ring_k, ring_v, completed, jnp.asarray(query_valid)))
+  _, v_sel, valid = retrieve(q)
+  picked = np.where(valid, np.asarray(v_sel[..., 0, 0]), -1).astype(int)      # [b, h, q, k] block ages
+  expected = reference_choice(q, ring_k[:, :, -1], completed, query_valid, mode=mode, topk=topk,
+                              mem_blocks=mem_blocks, block_len=BLOCK + 1)
+  expected = np.where(expected >= 0, expected, -1)
+  picked_sets = np.sort(picked, -1)[:, :, query_valid]
+  np.testing.assert_array_equal(picked_sets, np.sort(expected, -1)[:, :, query_valid])
+  # What the padding and the incomplete landmark hold does not move the valid queries' choice.
+  noise = 10 * jax.random.normal(keys[2], q.shape)
+  _, v_moved, _ = retrieve(jnp.where(query_valid[None, :, None, None], q, noise))
+  np.testing.assert_array_equal(np.asarray(v_moved)[:, :, query_valid], np.asarray(v_sel)[:, :, query_valid])
+
+
 def test_landmarks_are_never_scored_and_gate_later_blocks():
   """One logit per regular token (landmark outputs are dropped before the readout, whose vocabulary
   has no landmark id); a block's landmark influences later blocks only."""
