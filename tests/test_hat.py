@@ -33,8 +33,35 @@ def test_splitting_round_trips_any_bytes(splitter, cap):
 def test_splitting_rules():
   assert words.split_text('Hello, world!  Bye', 'whitespace') == ['Hello, ', 'world!  ', 'Bye']
   assert words.split_text('  Hi there', 'whitespace') == ['  ', 'Hi ', 'there']
-  assert words.split_text('Hello, world!  Bye', 'unicode') == ['Hello,', ' world!', '  Bye']
+  assert words.split_text('Hello, world!  Bye', 'unicode') == ['Hello,', ' world!', '  ', 'Bye']
   assert words.split_bytes('ééé'.encode(), 'whitespace', 3) == ['é'.encode(), 'é'.encode(), 'é'.encode()]
+
+
+# Each kind the old uniseg-based rule got wrong: newlines, tabs, several spaces, camelCase, punctuation inside words,
+# emoji runs; plus non-Latin scripts, digits and WikiText's own markup.
+TRICKY = [
+    'Hello, world!', 'Hello, world!  Bye', 'line one\nline two', 'para\n\n\nnext', 'trailing newline\n', '\nleading newline',
+    'col1\tcol2\t\tcol3', ' \t mixed \n\t whitespace', 'a  b   c    d', '   leading spaces', 'trailing spaces   ',
+    'camelCaseWord', 'XMLHttpRequest and getHTTPResponse', 'iPhone macOS', 'snake_case_name', 'kebab-case-name',
+    "don't can't it's", 'e.g. i.e. U.S.A.', 'https://example.com/a?b=1&c=2', 'user@example.com', 'end. Next? Yes!',
+    '"quoted" (parens) [brackets]', '3.14 and 1,000,000', '2024-06-01 12:30:45', 'v1.2.3rc4', '42nd 1st x86_64',
+    '🙂🙂🙂 ok', 'family 👨\u200d👩\u200d👧 flags 🇩🇪🇫🇷 thumbs 👍🏽', 'ok👍done', '東京タワーに行きました。', 'über-cool ça va?',
+    'Привет, мир! Как дела?', 'مرحبا بالعالم', 'नमस्ते दुनिया', '한국어 텍스트입니다', 'ελληνικά κείμενα',
+    ' = Valkyria Chronicles III = \n', ' @-@ <unk> 1 @,@ 000 \n', '...!!!???', 'a',
+]
+
+
+def test_unicode_splitter_is_the_released_one():
+  from hat_splitter import HATSplitter
+  released = HATSplitter()
+  for text in TRICKY:
+    assert words.split_text(text, 'unicode') == released.split(text), text
+    for cap in (4, 16):
+      pieces = words.split_bytes(text.encode(), 'unicode', cap)
+      assert pieces == released.split_with_limit(text, cap), (text, cap)
+      assert b''.join(pieces) == text.encode()
+  # Undecodable bytes (a window cutting a character) are split as the replacement character would be.
+  assert words.split_bytes(b'ab\xff cd\xe6\x9d', 'unicode') == [b'ab', b'\xff', b' cd', b'\xe6', b'\x9d']
 
 
 def test_pack_words_targets_weights_and_documents():

@@ -4,11 +4,15 @@ into word-structured batches [batch, words, bytes per word].
 Two splitting rules (`model.splitter`):
   whitespace  the paper's: split at Unicode whitespace, each whitespace run appended to the word before it
               ("Hello, world!" -> "Hello, " + "world!"); a leading whitespace run is a word of its own.
-  unicode     Unicode word boundaries (UAX #29, the `uniseg` package), merged the way the released
-              hat-splitter does: a whitespace run is prepended to the next word, and a segment without
-              letters or digits (punctuation) is appended to the word before it ("Hello," + " world!").
+  unicode     the released splitter's (the `hat-splitter` package, `HATSplitter.split`): Unicode word
+              boundaries (UAX #29), also cut at camelCase humps and after punctuation inside a word; a
+              single space is prepended to the next word, any other whitespace (newline, tab, several
+              spaces) is a word of its own, and punctuation is appended to the word before it
+              ("Hello, world!  Bye" -> "Hello," + " world!" + "  " + "Bye"; "camelCase" -> "camel" + "Case";
+              "3.14" -> "3." + "14"; "🙂🙂" -> "🙂" + "🙂").
 Words longer than the cap (`model.max_word_bytes`) are cut into pieces of at most that many bytes, at
-UTF-8 character boundaries where possible. Joining the words always gives back the exact bytes.
+UTF-8 character boundaries where possible (for caps of 4 bytes or more the same pieces as the library's
+`split_with_limit`). Joining the words always gives back the exact bytes.
 """
 
 from __future__ import annotations
@@ -16,27 +20,21 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from uniseg import wordbreak
+from hat_splitter import HATSplitter
 
 SPLITTERS = ('whitespace', 'unicode')
 _WHITESPACE_WORD = re.compile(r'\S+\s*|\s+')
+_HAT_SPLITTER = HATSplitter()
+_UNDECODABLE = re.compile('[\udc80-\udcff]')   # what errors='surrogateescape' makes of a byte that is not UTF-8
 
 
 def _unicode_words(text: str) -> list[str]:
-  words, pending_space = [], ''
-  for segment in wordbreak.words(text):
-    if segment.isspace():
-      pending_space += segment
-    elif words and not pending_space and not any(c.isalnum() for c in segment):
-      words[-1] += segment
-    else:
-      words.append(pending_space + segment)
-      pending_space = ''
-  if pending_space:   # trailing whitespace stays with the last word
-    if words:
-      words[-1] += pending_space
-    else:
-      words.append(pending_space)
+  # The library takes only valid text: split each undecodable byte (a window may cut a character) as the
+  # replacement character, one for one, then cut the original text at the same places.
+  words, start = [], 0
+  for word in _HAT_SPLITTER.split(_UNDECODABLE.sub('\ufffd', text)):
+    words.append(text[start:start + len(word)])
+    start += len(word)
   return words
 
 
