@@ -19,8 +19,10 @@ Soft deletion (training; `eval_deletion=soft`): G is a key bias in every later e
 generation): tokens with G < k/2 are dropped. The kept ones are gathered in order to the smallest of
 `hard_buckets` static lengths that holds every row's kept tokens, so the later layers and the
 cross-attention really run on shorter tensors. Kept tokens keep their original positions, so their
-relative position bias is that of the full sequence, and their gate values stay key biases, so hard
-equals soft deletion once deleted gates sit at k.
+relative position bias is that of the full sequence. As in the official code, the kept tokens' gate
+values are dropped with the deleted tokens (`hard_keeps_gate_bias=False`), so hard differs from soft
+deletion wherever a kept gate is not at 0; `hard_keeps_gate_bias=True` keeps them as key biases, and
+hard then equals soft deletion once deleted gates sit at k.
 
 Training losses (gate only): `loss/gate` = α·mean(G) over non-pad tokens, with α from the PI controller
 toward the deletion rate δ = `target_deletion` (`controller=pi`; state in the `controller` collection)
@@ -209,6 +211,7 @@ class ByT5(LanguageModel):
   regularizer_delay: int = 0      # steps without gate loss
   score_weight: float = 0.5       # β of the attention-score regulariser (gate only; 0 = off)
   eval_deletion: str = 'hard'     # hard | soft, at evaluation and in generation
+  hard_keeps_gate_bias: bool = False   # hard deletion: False drops the kept tokens' G (official), True keeps it
   hard_buckets: int = 8
   remat: str = 'none'             # stack.REMAT_POLICIES
 
@@ -329,6 +332,10 @@ class ByT5(LanguageModel):
     sizes = hard_bucket_sizes(gate.shape[1], self.hard_buckets)
     return keep, order, sizes, jnp.searchsorted(jnp.asarray(sizes), keep.sum(1).max())
 
+  def hard_key_bias(self, kept_gate):
+    """The key bias of the tokens hard deletion keeps: none (official), or their gate values."""
+    return kept_gate if self.hard_keeps_gate_bias else None
+
   def _hard_forward(self, h, valid, positions, gate, decoder_tokens):
     """Hard deletion: the kept tokens, in order, gathered to the smallest bucket that holds them all."""
     keep, order, sizes, index = self.hard_plan(gate, valid)
@@ -336,8 +343,9 @@ class ByT5(LanguageModel):
     def branch(size):
       def run(module, h, keep, positions, gate, order, decoder_tokens):
         take = lambda x: take_kept(x, order[:, :size])
-        encoded, _ = module.encode_back(take(h), take(keep), take(positions), take(gate))
-        return module.decode(encoded, take(keep), take(gate), decoder_tokens)[0]
+        kept_gate = module.hard_key_bias(take(gate))
+        encoded, _ = module.encode_back(take(h), take(keep), take(positions), kept_gate)
+        return module.decode(encoded, take(keep), kept_gate, decoder_tokens)[0]
       return run
 
     logits = nn.switch(index, [branch(s) for s in sizes], self, h, keep, positions, gate, order, decoder_tokens)
@@ -424,6 +432,7 @@ class ByT5(LanguageModel):
         raise InputError('hard deletion removed every token of the prompt '
                           '(sample with --config.model.eval_deletion=soft)')
       h, valid, positions, gate = (x[:, kept] for x in (h, valid, positions, gate))
+      gate = self.hard_key_bias(gate)
     encoded, _ = jax.jit(lambda *a: self.apply(variables, *a, method=ByT5.encode_back))(h, valid, positions, gate)
     step = jax.jit(lambda buffer: self.apply(variables, encoded, valid, gate, buffer, method=ByT5.decode)[0][0])
     buffer, out = np.full((1, max_new_tokens), seq2seq.PAD, np.int32), []

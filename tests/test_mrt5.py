@@ -127,10 +127,13 @@ def test_hard_deletion_equals_soft_deletion_in_the_limit():
   np.testing.assert_allclose(hard, soft, atol=1e-5)
 
 
-def test_hard_deletion_keeps_original_relative_positions():
+@pytest.mark.parametrize('keeps_gate_bias', [False, True])
+def test_hard_deletion_keeps_original_relative_positions(keeps_gate_bias):
   """Hard deletion (gathered, bucketed) equals the masked reference: the full sequence with deleted
-  tokens treated as padding at their original positions; renumbering the kept tokens would differ."""
-  model = build()
+  tokens treated as padding at their original positions, and the kept tokens' gate values dropped
+  (official) or kept as key biases; renumbering the kept tokens would differ. With gates away from 0
+  and k, hard deletion (official) differs from soft: the gap the paper measures."""
+  model = build(hard_keeps_gate_bias=keeps_gate_bias)
   variables = init(model, gate_kernel_scale=3.0, bias_table_scale=100.0)
   batch = text_batch(model)
   hard, aux = forward(model, variables, batch)
@@ -139,13 +142,16 @@ def test_hard_deletion_keeps_original_relative_positions():
   def reference(renumber):
     h, valid, positions, gate = model.apply(variables, batch['encoder_tokens'], method=ByT5.encode_front)
     keep = valid & ~model.deleted(gate, valid)
+    kept_bias = gate if keeps_gate_bias else None
     if renumber:
       positions = jnp.cumsum(keep, axis=1) - 1
-    encoded, _ = model.apply(variables, h, keep, positions, gate, method=ByT5.encode_back)
-    return model.apply(variables, encoded, keep, gate, batch['decoder_tokens'], method=ByT5.decode)[0]
+    encoded, _ = model.apply(variables, h, keep, positions, kept_bias, method=ByT5.encode_back)
+    return model.apply(variables, encoded, keep, kept_bias, batch['decoder_tokens'], method=ByT5.decode)[0]
 
   np.testing.assert_allclose(hard, reference(False), atol=1e-5)
   assert not np.allclose(hard, reference(True), atol=1e-3)
+  soft, _ = forward(model.clone(eval_deletion='soft'), variables, batch)
+  assert np.allclose(hard, soft, atol=1e-3) == keeps_gate_bias
 
 
 @pytest.mark.parametrize('deletion', ['gate', 'random', 'fixed'])
