@@ -5,8 +5,10 @@ N(0, 1), drawn from the `lexinvariant` RNG stream; the input is E(x)·scale + bi
 readout uses the same table, logits_v = ⟨h, E(v)⟩, with no learned token biases. The model is then
 invariant to any permutation of the vocabulary: a symbol's identity is visible only through its repeats.
 `embedding='learned'` is the standard model; with `permute_prob=p` it is the regularised variant (App. G):
-in training each sequence draws a vocabulary permutation π and each input token x becomes π(x) with
-probability p (targets unchanged).
+in training each sequence draws a vocabulary permutation π, each token x of its window becomes π(x) with
+probability p, and the model is trained as a normal LM on that permuted sequence, targets included (a
+target is the next input token, replaced or not by the same coin). The targets are permuted by reordering
+the logits of each position: softmax(logits)[π(y)] scored at the batch's y is the NLL of π(y), exactly.
 
 Both start alike: learned embeddings are also initialised N(0, 1), and, as in T5's tied readout, the
 final hidden state is scaled by d^-1/2 before the dot product with the table.
@@ -34,12 +36,25 @@ def random_tables(key: jax.Array, batch: int, vocab_size: int, features: int) ->
   return jnp.swapaxes(rows(jnp.arange(vocab_size)), 0, 1)
 
 
-def permute_tokens(key: jax.Array, tokens: jax.Array, vocab_size: int, prob: float) -> jax.Array:
-  """Replace each token by π(token) with probability `prob`, one random permutation π per sequence."""
+def draw_permutations(key: jax.Array, batch: int, positions: int, vocab_size: int,
+                      prob: float) -> tuple[jax.Array, jax.Array]:
+  """One random vocabulary permutation π per sequence, [batch, vocab], and whether the token at each
+  window position becomes its image π(token) (probability `prob`), [batch, positions]."""
   perm_key, coin_key = jax.random.split(key)
-  perms = jax.vmap(lambda k: jax.random.permutation(k, vocab_size))(jax.random.split(perm_key, tokens.shape[0]))
-  permuted = jnp.take_along_axis(perms, tokens, axis=1)
-  return jnp.where(jax.random.bernoulli(coin_key, prob, tokens.shape), permuted, tokens)
+  perms = jax.vmap(lambda k: jax.random.permutation(k, vocab_size))(jax.random.split(perm_key, batch))
+  return perms, jax.random.bernoulli(coin_key, prob, (batch, positions))
+
+
+def permute_tokens(tokens: jax.Array, perms: jax.Array, replaced: jax.Array) -> jax.Array:
+  """π(token) where `replaced`, else the token (tokens and `replaced` [batch, length], perms [batch, vocab])."""
+  return jnp.where(replaced, jnp.take_along_axis(perms, tokens, axis=1), tokens)
+
+
+def permute_targets(logits: jax.Array, perms: jax.Array, replaced: jax.Array) -> jax.Array:
+  """Logits under which the target y scores as π(y) where `replaced` [batch, length]: position v of the
+  result holds the logit of π(v). The softmax is permuted with it, so NLL and argmax are those of π(y)."""
+  permuted = jnp.take_along_axis(logits, jnp.broadcast_to(perms[:, None, :], logits.shape), axis=-1)
+  return jnp.where(replaced[..., None], permuted, logits)
 
 
 @register('lexinvariant')
@@ -102,8 +117,14 @@ class Lexinvariant(LanguageModel):
       embed = layers.Embed(self.vocab_size, self.d_model, dtype=dtype, embedding_init=nn.initializers.normal(1.0),
                            name='embed')
       if train and self.permute_prob > 0:
-        tokens = permute_tokens(self.make_rng(STREAM), tokens, self.vocab_size, self.permute_prob)
-      x, readout = embed(tokens), embed.attend
+        # One coin per window position (the 'lm' format's targets are the window shifted by one): coin t
+        # replaces input t, coin t + 1 the target of position t, so both see the same permuted sequence.
+        perms, replaced = draw_permutations(self.make_rng(STREAM), batch, length + 1, self.vocab_size,
+                                            self.permute_prob)
+        x = embed(permute_tokens(tokens, perms, replaced[:, :-1]))
+        readout = lambda h: permute_targets(embed.attend(h), perms, replaced[:, 1:])
+      else:
+        x, readout = embed(tokens), embed.attend
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
     positions = layers.sequence_positions(self, length, decode)   # the same for every row: one bias for the batch

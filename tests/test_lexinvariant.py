@@ -63,20 +63,54 @@ def test_causality_of_the_variants(kw):
   assert_causal(*build(**kw), vocab_size=50, rngs=RNGS)
 
 
-def test_permuted_inputs_of_the_regularised_variant():
+def test_permuted_tokens_of_the_regularised_variant():
   tokens = jax.random.randint(jax.random.key(0), (64, 200), 0, 50)
-  np.testing.assert_array_equal(lexinvariant.permute_tokens(jax.random.key(1), tokens, 50, 0.0), tokens)
-  full = lexinvariant.permute_tokens(jax.random.key(1), tokens, 50, 1.0)
+  draw = lambda prob: lexinvariant.draw_permutations(jax.random.key(1), 64, 200, 50, prob)
+  np.testing.assert_array_equal(lexinvariant.permute_tokens(tokens, *draw(0.0)), tokens)
+  full = lexinvariant.permute_tokens(tokens, *draw(1.0))
   for row, image in zip(np.asarray(tokens), np.asarray(full)):   # one bijection per sequence
     mapping = dict(zip(row, image))
     assert all(mapping[a] == b for a, b in zip(row, image)) and len(set(mapping.values())) == len(mapping)
-  partial = lexinvariant.permute_tokens(jax.random.key(1), tokens, 50, 0.2)
+  partial = lexinvariant.permute_tokens(tokens, *draw(0.2))
   changed = float(jnp.mean(partial != tokens))
   assert 0.15 < changed < 0.2   # p, less the tokens a permutation maps to themselves (1/50)
   # Only in training: evaluation sees the true tokens.
   model, params, tokens = build(embedding='learned', permute_prob=0.2)
   np.testing.assert_array_equal(model.apply({'params': params}, tokens, rngs=RNGS)[0],
                                 model.apply({'params': params}, tokens, rngs={'lexinvariant': jax.random.key(9)})[0])
+
+
+def lm_nll(logits, targets):
+  return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+
+
+def test_regularised_variant_is_a_normal_lm_on_the_permuted_sequence():
+  """App. G: with p = 1 every token of the window, targets included, becomes π(token). Over two symbols π
+  is the identity or the swap, so each row's training NLL (scored at the batch's targets, as the trainer
+  does) is the standard model's NLL on the window or on its swap."""
+  model, params, _ = build(vocab_size=2, embedding='learned', permute_prob=1.0)
+  window = jax.random.randint(jax.random.key(4), (8, 25), 0, 2)
+  inputs, targets = window[:, :-1], window[:, 1:]
+  trained = lm_nll(model.apply({'params': params}, inputs, train=True, rngs=RNGS)[0], targets)
+  plain = lm_nll(model.apply({'params': params}, inputs)[0], targets)
+  swapped = lm_nll(model.apply({'params': params}, 1 - inputs)[0], 1 - targets)
+  assert not np.allclose(plain, swapped, atol=1e-3)
+  is_swap = [not np.allclose(t, p, atol=1e-5) for t, p in zip(trained, plain)]
+  assert 0 < sum(is_swap) < len(is_swap)   # both permutations occur in this batch
+  np.testing.assert_allclose(trained, np.where(np.array(is_swap)[:, None], swapped, plain), atol=1e-5)
+
+
+def test_regularised_variant_replaces_a_target_with_the_next_inputs_coin(monkeypatch):
+  """At p < 1 the target of position t is replaced exactly when input t + 1 is: the permuted window."""
+  model, params, _ = build(embedding='learned', permute_prob=0.5)
+  window = jax.random.randint(jax.random.key(4), (2, 25), 0, 50)
+  perms = jnp.stack([jax.random.permutation(jax.random.key(i), 50) for i in (7, 8)])
+  replaced = jax.random.bernoulli(jax.random.key(9), 0.5, window.shape)
+  monkeypatch.setattr(lexinvariant, 'draw_permutations', lambda key, batch, positions, vocab, prob: (perms, replaced))
+  permuted = lexinvariant.permute_tokens(window, perms, replaced)
+  trained = lm_nll(model.apply({'params': params}, window[:, :-1], train=True, rngs=RNGS)[0], window[:, 1:])
+  expected = lm_nll(model.apply({'params': params}, permuted[:, :-1])[0], permuted[:, 1:])
+  np.testing.assert_allclose(trained, expected, atol=1e-5)
 
 
 def naive_bucket(relative, bidirectional, num_buckets, max_distance):
@@ -126,3 +160,4 @@ def test_trains_and_evaluates_over_several_tables(make_config, tmp_path):
   assert np.mean(result['nll_by_position']) == pytest.approx(result['loss'], rel=1e-3)   # full windows
   out = run_module('train.sample', '--workdir', str(tmp_path), '--prompt', 'def ', '--max_new_tokens', '5')
   assert out.returncode == 0 and out.stdout.startswith('def '), out.stderr
+

@@ -5,7 +5,8 @@
                | small (accelerator, the spec's §4.5: d=256, 6 layers, seq 512, batch 64, 10k steps)
     CORPUS     wikitext2 | stdlib (Python source: the "code" corpus)
     TOKENIZER  char (the 128 most frequent characters, the paper's ASCII-128 in spirit) | bpe (8,192 entries)
-    MODEL      random (lexinvariant) | learned (standard) | regularised (learned, inputs permuted with p = 0.2)
+    MODEL      random (lexinvariant) | learned (standard)
+               | regularised (learned; a normal LM on its windows permuted with p = 0.2, targets included: App. G)
 
 Both models share the decoder: pre-LN blocks, GELU MLP, T5 relative position bias (32 buckets, max
 distance 128), no absolute positions. AdamW with cosine decay instead of the paper's Adafactor.
