@@ -10,7 +10,7 @@ from conftest import assert_causal, run_module
 
 import models
 from models import layers, lexinvariant, sampling
-from train import trainer
+from train import setup as setup_lib, trainer
 
 RNGS = {'lexinvariant': jax.random.key(5)}
 
@@ -161,3 +161,25 @@ def test_trains_and_evaluates_over_several_tables(make_config, tmp_path):
   out = run_module('train.sample', '--workdir', str(tmp_path), '--prompt', 'def ', '--max_new_tokens', '5')
   assert out.returncode == 0 and out.stdout.startswith('def '), out.stderr
 
+
+def test_evaluation_draws_fresh_tables_for_every_batch_reproducibly(make_config, tmp_path):
+  """Each evaluation batch gets its own key of the model's streams (so its own tables), a fixed function of
+  (seed, draw, batch index): two batches see different tables, two evaluations the same ones."""
+  setup = setup_lib.Setup(make_config('lexinvariant'), str(tmp_path))
+  state = setup.init_state()
+  params = {**state['params'], 'embed_scale': jnp.ones_like(state['params']['embed_scale'])}   # tables reach h
+  eval_step, keys = setup.make_eval_step(), []
+
+  def recording_step(params, model_state, batch, key):
+    keys.append(jax.random.key_data(key))
+    return eval_step(params, model_state, batch, key)
+
+  evaluate = lambda draw: setup.evaluate(recording_step, params, state['model_state'], 'valid', 2, draw=draw)
+  first, again = evaluate(0), evaluate(0)
+  assert first == again and len(keys) == 4
+  np.testing.assert_array_equal(np.stack(keys[:2]), np.stack(keys[2:]))
+  tokens = jnp.asarray(next(iter(setup.dataset.eval_batches('valid', 1, setup.rows)))['tokens'])
+  logits = lambda key: setup.model.apply({'params': params}, tokens,
+                                         rngs=setup.model.stream_keys(jax.random.wrap_key_data(key)))[0]
+  assert not np.allclose(logits(keys[0]), logits(keys[1]), atol=1e-3)
+  assert evaluate(1)['loss'] != first['loss']   # another draw, other tables

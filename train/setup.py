@@ -171,12 +171,13 @@ class Setup:
     unless the batches count their own), accuracy (of tokens, or of words for word-structured
     batches) and the model's own metrics (averaged over batches by their weight) on one split.
 
-    `draw` picks the key of the model's RNG streams (a fixed function of the seed, so evaluation is
-    reproducible); `per_position` adds the mean NLL at each position of the window."""
+    `draw` picks the keys of the model's RNG streams, one per batch: a fixed function of (seed, draw, batch
+    index), so evaluation is reproducible and a model that draws at evaluation (lexinvariant's tables) draws
+    afresh for every batch; `per_position` adds the mean NLL at each position of the window."""
     key = jax.random.fold_in(jax.random.key(self.config.seed), draw)
     totals = None
-    for batch in self.dataset.eval_batches(split, max_batches, self.rows):
-      out = eval_step(params, model_state, self.global_batch(batch), key)
+    for index, batch in enumerate(self.dataset.eval_batches(split, max_batches, self.rows)):
+      out = eval_step(params, model_state, self.global_batch(batch), jax.random.fold_in(key, index))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)   # stays on device until the end
     *totals, metrics = totals
     nll, weight, right, units, counted_bytes = (np.asarray(t, np.float64) for t in totals)
