@@ -4,9 +4,11 @@ under perturbation (the spec's §1.5).
   python -m experiments.hat --shape tiny [--eval_batches 40] [--override key=value ...]
 
 1. Trains experiments/configs/hat.py:SHAPE,{hat,bpe,byte} in runs/hat-SHAPE/ROW (a finished run is only
-   evaluated). The BPE row's depth is chosen here: the one whose FLOPs per byte (flops_per_token over
-   the measured bytes per token of the train split) come closest to HAT's. HAT's FLOPs are counted as
-   executed, every padded word slot included (`HAT.forward_flops_per_token`).
+   evaluated). The BPE row's depth is chosen here: the one whose training FLOPs per byte (flops_per_token
+   over the measured bytes per token of the train split) come closest to HAT's per real byte, the paper's
+   count: every real word of the train split's windows runs the byte modules over its bytes + 1 and the
+   backbone once (`HAT.forward_flops_per_real_byte`). As executed, every padded word slot runs too
+   (`HAT.forward_flops_per_token`), which costs several times more; both are reported.
 2. Writes perturbed copies of the validation text to runs/hat-SHAPE/perturbed/KIND/: in every word
    each character independently with probability 0.1 is swapped with another of the word's characters
    (permute), replaced by a random letter (replace) or deleted (delete); ALL CAPS (upper); each letter's
@@ -78,8 +80,8 @@ def perturbed_dirs(root: str) -> dict[str, str]:
   return dirs
 
 
-def bpe_depth(workdir: str, shape: str, hat_flops_per_byte: float) -> tuple[int, float]:
-  """The BPE row's depth closest to HAT's FLOPs per byte, and the bytes per token it was matched at."""
+def bpe_flops_per_byte(workdir: str, shape: str) -> tuple[dict[int, float], float]:
+  """The BPE row's training FLOPs per byte at each depth 1-32, and the bytes per token of the train split."""
   from experiments.configs import hat as hat_configs
   from train import config as config_lib, data
   config = hat_configs.get_config(f'{shape},bpe')
@@ -91,7 +93,24 @@ def bpe_depth(workdir: str, shape: str, hat_flops_per_byte: float) -> tuple[int,
     config.model.num_layers = layers
     model = config_lib.build_model(config, vocab_size=dataset.tokenizer.vocab_size)
     per_byte[layers] = model.flops_per_token(config.train.seq_len) / bytes_per_token
-  return min(per_byte, key=lambda n: abs(per_byte[n] / hat_flops_per_byte - 1)), bytes_per_token
+  return per_byte, bytes_per_token
+
+
+def hat_flops_per_byte(workdir: str, shape: str) -> tuple[float, float]:
+  """HAT's training FLOPs per byte (real, as executed), the real count over every window of the train split."""
+  from experiments.configs import hat as hat_configs
+  from models import formats
+  from train import config as config_lib, data
+  config = hat_configs.get_config(f'{shape},hat')
+  model = config_lib.build_model(config, vocab_size=258)
+  train = data.Dataset(config, workdir, formats.get(model.batch_format)).split('train')
+  lengths = np.concatenate([train.batch(range(start, min(start + 1024, train.n_windows)))['word_lengths']
+                            for start in range(0, train.n_windows, 1024)])
+  return 3 * model.forward_flops_per_real_byte(lengths), model.flops_per_token(config.train.seq_len)
+
+
+def closest_depth(per_byte: dict[int, float], target: float) -> int:
+  return min(per_byte, key=lambda n: abs(per_byte[n] / target - 1))
 
 
 def token_bytes(tokenizer) -> list[bytes]:
@@ -147,9 +166,11 @@ def perturbed_eval(row: dict, root: str, max_batches: int, word_cap: int) -> dic
   return results
 
 
-def flops_per_byte(row: dict, bytes_per_token: float) -> dict:
-  """Training FLOPs per byte of text: per token over the row's bytes per token (1 for byte-level rows)."""
-  return {'flops_per_byte': row['train_flops'] / row['train_tokens'] / bytes_per_token,
+def flops_per_byte(row: dict, bytes_per_token: float, real_flops_per_byte: float | None = None) -> dict:
+  """Training FLOPs per byte of text: as executed, per token over the row's bytes per token (1 for byte-level
+  rows); and per real byte (HAT's padded word slots left out; the same for the flat rows)."""
+  executed = row['train_flops'] / row['train_tokens'] / bytes_per_token
+  return {'flops_per_byte': executed, 'real_flops_per_byte': real_flops_per_byte or executed,
           'bytes_per_token': bytes_per_token}
 
 
@@ -194,28 +215,36 @@ def sections(rows: list[dict], eval_batches: int) -> list[str]:
 
 
 def declare(shape: str, runs: str, eval_batches: int) -> runner.Experiment:
-  """The rows, with the BPE row's depth matched to HAT's FLOPs per byte (this trains the BPE tokenizer)."""
+  """The rows, with the BPE row's depth matched to HAT's FLOPs per real byte (this trains the BPE tokenizer)."""
   from experiments.configs import hat as hat_configs
-  from train import config as config_lib
   experiment = f'hat-{shape}'
   hat_config = hat_configs.get_config(f'{shape},hat')
-  hat_flops = config_lib.build_model(hat_config, vocab_size=258).flops_per_token(hat_config.train.seq_len)
-  layers, bytes_per_token = bpe_depth(runner.row_workdir(runs, experiment, 'bpe'), shape, hat_flops)
+  hat_real, hat_executed = hat_flops_per_byte(runner.row_workdir(runs, experiment, 'hat'), shape)
+  bpe_per_byte, bytes_per_token = bpe_flops_per_byte(runner.row_workdir(runs, experiment, 'bpe'), shape)
+  layers, layers_executed = closest_depth(bpe_per_byte, hat_real), closest_depth(bpe_per_byte, hat_executed)
+  depth = lambda n: f'{n} layer{"s" * (n > 1)}'
+  print(f'HAT: {hat_real / 1e9:.4f} GFLOPs per real byte (train), {hat_executed / 1e9:.4f} as executed; matched BPE '
+        f'depth {depth(layers)} ({bpe_per_byte[layers] / 1e9:.4f}), {depth(layers_executed)} if matched as executed',
+        flush=True)
   root = os.path.abspath(runner.row_workdir(runs, experiment, 'perturbed'))
 
-  def row(name: str, bytes_per_token: float, overrides: tuple[str, ...] = ()) -> runner.Row:
-    probes = {'flops_per_byte': functools.partial(flops_per_byte, bytes_per_token=bytes_per_token),
+  def row(name: str, bytes_per_token: float, overrides: tuple[str, ...] = (), real: float | None = None) -> runner.Row:
+    probes = {'flops_per_byte': functools.partial(flops_per_byte, bytes_per_token=bytes_per_token,
+                                                  real_flops_per_byte=real),
               'perturbed': functools.partial(perturbed_eval, root=root, max_batches=eval_batches,
                                              word_cap=hat_config.model.max_word_bytes)}
     return runner.Row(name, f'{CONFIG}:{shape},{name}', overrides, probes=probes)
 
-  rows = [row('hat', 1.0), row('bpe', bytes_per_token, (f'model.num_layers={layers}',)), row('byte', 1.0)]
+  rows = [row('hat', 1.0, real=hat_real), row('bpe', bytes_per_token, (f'model.num_layers={layers}',)),
+          row('byte', 1.0)]
   description = (
       'WikiText-2 (`../shared/data/wikitext-2`), every row on windows of the same text (512 bytes, or 128 BPE tokens '
-      f'of {bytes_per_token:.2f} bytes each on average). The BPE row\'s depth ({layers} layers) is the one closest to '
-      'HAT\'s FLOPs per byte, HAT counted as executed (every padded word slot); the byte row is a flat byte '
-      'Transformer of the backbone\'s width and depth. The perturbed copies of the validation text: ' +
-      ', '.join(PERTURBATIONS) + ' (see experiments/hat.py).')
+      f'of {bytes_per_token:.2f} bytes each on average). The BPE row\'s depth ({depth(layers)}) is the one closest to '
+      f'HAT\'s training FLOPs per real byte ({hat_real / 1e9:.4f} GFLOPs: each real word of the train split\'s windows '
+      'runs the byte modules over its bytes + 1 and the backbone once, the paper\'s count); as executed, with every '
+      f'padded word slot, HAT costs {hat_executed / 1e9:.4f} GFLOPs per byte, which would have matched '
+      f'{depth(layers_executed)}. The byte row is a flat byte Transformer of the backbone\'s width and depth. The '
+      'perturbed copies of the validation text: ' + ', '.join(PERTURBATIONS) + ' (see experiments/hat.py).')
   return runner.Experiment(experiment, rows, title=f'HAT against BPE and byte Transformers under perturbation, {shape}',
                            description=description, eval_batches=eval_batches,
                            sections=functools.partial(sections, eval_batches=eval_batches), plots={'': plot})

@@ -168,16 +168,28 @@ class HAT(LanguageModel):
 
   def forward_flops_per_token(self, seq_len: int) -> float:
     """Per byte of a window of `seq_len` bytes, as executed: every word slot runs the byte modules over
-    max_word_bytes + 1 positions whether filled or not (the paper counts only real bytes)."""
-    positions = self.max_words * (self.max_word_bytes + 1) / seq_len   # byte-module positions per byte
+    max_word_bytes + 1 positions whether filled or not (`forward_flops_per_real_byte`: the paper's count)."""
+    return self._forward_flops(np.full(self.max_words, self.max_word_bytes + 1), self.max_words) / seq_len
+
+  def forward_flops_per_real_byte(self, word_lengths: np.ndarray) -> float:
+    """Per byte of the words of packed windows, word_lengths [windows, max_words] (0: a padding slot), counting
+    only what the paper counts: each real word runs the byte modules over its bytes + 1 and the backbone
+    once, attending over its window's real words (an end-of-document [S] counts as a byte)."""
+    real = word_lengths > 0
+    flops = sum(self._forward_flops(lengths[filled] + 1, filled.sum()) for lengths, filled in zip(word_lengths, real))
+    return flops / word_lengths.sum()
+
+  def _forward_flops(self, positions: np.ndarray, window_words: int) -> float:
+    """Forward FLOPs of a window's words whose byte modules run over `positions` [words] positions each,
+    the backbone attending over `window_words`."""
     # decoder_flops_per_token halves attention for the causal mask: the bidirectional encoder counts double
     byte_module = lambda n, attended: layers.decoder_flops_per_token(self.byte_width, n, self.byte_ff, 'swiglu', 0, attended)
-    backbone = layers.decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, 'swiglu', 0, self.max_words)
+    backbone = layers.decoder_flops_per_token(self.d_model, self.num_layers, self.d_ff, 'swiglu', 0, window_words)
     projections = 2 * 2 * self.d_model * self.byte_width
     readout = 2 * self.byte_width * self.vocab_size
-    return (positions * (byte_module(self.encoder_layers, 2 * (self.max_word_bytes + 1))
-                         + byte_module(self.decoder_layers, self.max_word_bytes + 1) + readout)
-            + self.max_words / seq_len * (backbone + projections))
+    byte_modules = positions * (byte_module(self.encoder_layers, 2 * positions)
+                                + byte_module(self.decoder_layers, positions) + readout)
+    return float(byte_modules.sum() + len(positions) * (backbone + projections))
 
   def generate(self, params, prompt: np.ndarray, max_new_tokens: int, **kwargs) -> np.ndarray:
     """The new byte ids ([S] included when generated) after `prompt`; see `generate_words`."""

@@ -184,3 +184,14 @@ def test_flops_per_byte_against_xla(hat_params):
   xla = jax.jit(lambda p, b, n: model.apply({'params': p}, b, n)[0]).lower(
       params, inputs['word_bytes'], inputs['word_lengths']).compile().cost_analysis()['flops']
   assert 0.8 < model.forward_flops_per_token(64) * 64 / xla < 1.1
+
+
+def test_flops_per_real_byte_skips_padding(hat_params):
+  """Real FLOPs of words in padded slots equal the executed FLOPs of a model whose slots they fill exactly."""
+  model = hat_params[0].clone(max_words=24, max_word_bytes=12)
+  lengths = np.zeros((2, 24), np.int32)
+  lengths[:, :16] = 8
+  exact = model.clone(max_words=16, max_word_bytes=8).forward_flops_per_token(16 * 8)
+  np.testing.assert_allclose(model.forward_flops_per_real_byte(lengths), exact, rtol=1e-12)
+  assert model.forward_flops_per_token(16 * 8) > 2 * exact
+

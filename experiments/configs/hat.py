@@ -5,8 +5,8 @@
             | small (accelerator, the spec's HAT-tiny: byte modules 2 layers at d=256, 4 heads; backbone
               8 layers at D=512, 8 heads; batch 64, 10k steps)
     ROW     hat (default) | bpe (Transformer on an 8k byte-level BPE trained on the train split; its depth
-            is set by experiments/hat.py to match HAT's FLOPs per byte) | byte (flat byte-level Transformer
-            of the backbone's width and depth)
+            is set by experiments/hat.py to match HAT's FLOPs per real byte, padded word slots left out) |
+            byte (flat byte-level Transformer of the backbone's width and depth)
 
 Every row reads the same windows of text: 512 bytes, or 512 / 4 BPE tokens (WikiText-2 averages about
 4.3 bytes per token, so BPE windows hold slightly more text). HAT splits by the paper's whitespace rule,
