@@ -4,8 +4,12 @@
 
 Rows (S = the shape's steps; configs from experiments/configs/tokenformer_scaling.py):
   A         the small model (n_attn = d/4) for S steps
-  B-zeros   A grown to n_attn = d (4x the parameter tokens) with zero new keys and pinned τ, 0.2·S more steps
-  B-random  the same with random new keys and τ = √n (the paper's main runs)
+  B-zeros   A grown to n_attn = d (4x the parameter tokens), 0.2·S more steps, by the paper's function-preserving
+            recipe (train.grow's default; App. B, its zero-init growth study): zero new keys, τ pinned at
+            √n of A, a fresh optimizer (the study held its lr constant; the table trains every B row with a
+            fresh warmup and cosine)
+  B-random  the paper's main runs: the new tokens at their random init, τ = √n of the new n, a fresh
+            optimizer and cosine schedule
   B-gentle  B-zeros with a quarter of the peak learning rate (re-warming to the full peak disturbs A)
   C         the large model from scratch for 0.2·S steps
   D         the large model from scratch for S steps
@@ -35,18 +39,22 @@ def declare(shape: str, runs: str) -> runner.Experiment:
   short = (f'train.steps={steps // 5}', f'train.eval_every={steps // 20}', f'checkpoint.every={steps // 20}')
 
   def grown(row: str, key_init: str, overrides: tuple[str, ...] = ()) -> runner.Row:
+    # Every flag of the recipe spelled out, so that the recorded command says which one the row ran.
+    recipe = ('--key_init', key_init, '--pin_tau' if key_init == 'zeros' else '--nopin_tau', '--optimizer', 'reset')
     grow = ('train.grow', '--from', runner.row_workdir(runs, name, 'A'), '--to', runner.row_workdir(runs, name, row),
-            '--add_tokens', str(3 * d // 4), '--key_init', key_init, *(['--pin_tau'] if key_init == 'zeros' else []))
+            '--add_tokens', str(3 * d // 4), *recipe)
     return runner.Row(row, None, short + overrides, prepare=grow, note='grown from A at its last step')
 
   rows = [runner.Row('A', config('small')), runner.Row('D', config('large')), runner.Row('C', config('large'), short),
           grown('B-zeros', 'zeros'), grown('B-random', 'random'), runner.Row('softmax', config('softmax')),
           runner.Row('transformer', config('transformer')), grown('B-gentle', 'zeros', (f'train.lr={lr / 4}',))]
-  description = ('A: the small model (n_attn = d/4), S steps. B-zeros, B-random, B-gentle: A grown to n_attn = d '
-                 '(zero new keys and pinned τ; random keys; zero keys at a quarter of the peak learning rate), 0.2 S '
-                 'more steps. C, D: the large model from scratch for 0.2 S and S steps. softmax: A with the exp+L1 '
-                 'activation. transformer: a bias-free Transformer with D\'s parameters, S steps. train_flops is each '
-                 'row\'s own; the comparison below counts A\'s compute in the grown rows.')
+  description = ('A: the small model (n_attn = d/4), S steps. B-zeros, B-random, B-gentle: A grown to n_attn = d, '
+                 '0.2 S more steps, each with a fresh optimizer and cosine schedule: B-zeros by the paper\'s '
+                 'function-preserving recipe (zero new keys, τ pinned at √n of A; App. B), B-random as the paper\'s '
+                 'main runs (new tokens at their random init, τ = √n of the new n), B-gentle as B-zeros at a quarter '
+                 'of the peak learning rate. C, D: the large model from scratch for 0.2 S and S steps. softmax: A '
+                 'with the exp+L1 activation. transformer: a bias-free Transformer with D\'s parameters, S steps. '
+                 'train_flops is each row\'s own; the comparison below counts A\'s compute in the grown rows.')
   return runner.Experiment(name, rows, description=description, sections=summary, plots={'': plot_curves})
 
 

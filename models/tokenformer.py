@@ -127,7 +127,7 @@ class TokenFormer(LanguageModel):
   num_heads: int = 4
   n_attn: int = 256             # parameter tokens of each of the Q, K, V and output Pattentions
   n_ffn: int = 1024             # parameter tokens of the feed-forward Pattention (4 · n_attn in the paper)
-  tau_attn: float = 0.0         # pinned τ of the attention Pattentions; 0 = √n_attn (train.grow --pin_tau sets it)
+  tau_attn: float = 0.0         # pinned τ of the attention Pattentions; 0 = √n_attn (train.grow pins it by default)
   tau_ffn: float = 0.0          # pinned τ of the feed-forward Pattention; 0 = √n_ffn
   activation: str = 'l2_gelu'   # l2_gelu (paper) | gelu_l2 | softmax (ablation, paper Table 4)
   gelu_approximate: bool = False

@@ -129,11 +129,23 @@ def test_zero_keys_with_pinned_tau_preserve_the_function():
   assert not np.allclose(grow_tiny('random', pin_tau=True)[1], before, atol=1e-3)
 
 
-def test_grow_cli_end_to_end(make_config, tmp_path):
+def adam_state(state):
+  return next(s for s in jax.tree.leaves(state['opt_state'], is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+              if isinstance(s, optax.ScaleByAdamState))
+
+
+def schedule_count(state):
+  return next(s.count for s in jax.tree.leaves(state['opt_state'], is_leaf=lambda s: isinstance(
+      s, optax.ScaleByScheduleState)) if isinstance(s, optax.ScaleByScheduleState))
+
+
+def test_grow_cli_defaults_preserve_the_function_with_a_fresh_optimizer(make_config, tmp_path):
+  """`python -m train.grow` with no recipe flags is the paper's function-preserving recipe: zero new keys, τ
+  pinned (the logits before and after agree to float32 rounding) and a fresh optimizer, as the official
+  loaders start (step 0, zero moments)."""
   config = make_config('tokenformer', **{'train.steps': 4})
   trainer.Trainer(config, str(tmp_path / 'small')).run()
-  out = run_module('train.grow', '--from', str(tmp_path / 'small'), '--to', str(tmp_path / 'big'),
-                   '--add_tokens', '8', '--pin_tau')
+  out = run_module('train.grow', '--from', str(tmp_path / 'small'), '--to', str(tmp_path / 'big'), '--add_tokens', '8')
   assert out.returncode == 0, out.stderr
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   assert summary['n_attn'] == config.model.n_attn + 8 and summary['n_ffn'] == config.model.n_ffn + 32
@@ -141,18 +153,13 @@ def test_grow_cli_end_to_end(make_config, tmp_path):
   small_setup, small = restore.load_run(config, str(tmp_path / 'small'))
   big_config = config_lib.load_workdir_config(str(tmp_path / 'big'))
   big_setup, big = restore.load_run(big_config, str(tmp_path / 'big'))
-  evaluate = lambda setup, state: setup.evaluate(setup.make_eval_step(), state['params'], {}, 'valid', 2)['loss']
-  assert evaluate(big_setup, big) == pytest.approx(evaluate(small_setup, small), abs=1e-5)
+  tokens = jnp.asarray(small_setup.dataset.train_batch(0)['tokens'])
+  logits = lambda setup, state: setup.model.apply({'params': state['params']}, tokens)[0]
+  np.testing.assert_allclose(logits(big_setup, big), logits(small_setup, small), rtol=1e-5, atol=1e-6)
 
-  adam = lambda state: next(s for s in jax.tree.leaves(state['opt_state'], is_leaf=lambda s: isinstance(
-      s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState))
-  schedule_count = lambda state: next(s.count for s in jax.tree.leaves(state['opt_state'], is_leaf=lambda s: isinstance(
-      s, optax.ScaleByScheduleState)) if isinstance(s, optax.ScaleByScheduleState))
   assert int(big['step']) == 0 and int(schedule_count(big)) == 0   # a fresh schedule
-  assert int(adam(big).count) == int(adam(small).count) == 4        # Adam's bias correction carries on
-  old_mu, new_mu = adam(small).mu['block_0']['ffn']['keys'], adam(big).mu['block_0']['ffn']['keys']
-  np.testing.assert_array_equal(new_mu[:old_mu.shape[0]], old_mu)
-  assert not np.any(new_mu[old_mu.shape[0]:])
+  assert int(adam_state(small).count) == 4 and int(adam_state(big).count) == 0   # and a fresh Adam
+  assert not any(np.any(m) for m in jax.tree.leaves((adam_state(big).mu, adam_state(big).nu)))
 
   # `python -m train` takes the grown run's own config and trains on from step 0.
   out = run_module('train', '--workdir', str(tmp_path / 'big'), '--config.train.steps=2')
@@ -162,6 +169,20 @@ def test_grow_cli_end_to_end(make_config, tmp_path):
 
   out = run_module('train.grow', '--from', str(tmp_path / 'small'), '--to', str(tmp_path / 'big'), '--add_tokens', '8')
   assert out.returncode == 2 and 'already holds checkpoints' in out.stderr.strip()
+
+  # The other recipes: the paper's main runs (random new tokens, τ = √n of the new n) change the function;
+  # `pad` keeps the trained moments and Adam's count, zeros for the new tokens.
+  grow_run(str(tmp_path / 'small'), str(tmp_path / 'main'), 8, key_init='random', pin_tau=False)
+  main_config = config_lib.load_workdir_config(str(tmp_path / 'main'))
+  assert main_config.model.tau_attn == main_config.model.tau_ffn == 0   # √n, following n
+  main_setup, main = restore.load_run(main_config, str(tmp_path / 'main'))
+  assert not np.allclose(logits(main_setup, main), logits(small_setup, small), atol=1e-3)
+  grow_run(str(tmp_path / 'small'), str(tmp_path / 'pad'), 8, optimizer='pad')
+  padded = restore.load_run(config_lib.load_workdir_config(str(tmp_path / 'pad')), str(tmp_path / 'pad'))[1]
+  assert int(schedule_count(padded)) == 0 and int(adam_state(padded).count) == 4
+  old_mu, new_mu = adam_state(small).mu['block_0']['ffn']['keys'], adam_state(padded).mu['block_0']['ffn']['keys']
+  np.testing.assert_array_equal(new_mu[:old_mu.shape[0]], old_mu)
+  assert not np.any(new_mu[old_mu.shape[0]:])
 
 
 def test_grow_refuses_other_models(make_config, tmp_path):

@@ -1,5 +1,5 @@
-"""python -m train.grow --from DIR --to NEWDIR --add_tokens M [--key_init zeros|random] [--pin_tau]
-                       [--optimizer pad|reset]
+"""python -m train.grow --from DIR --to NEWDIR --add_tokens M [--key_init zeros|random] [--[no]pin_tau]
+                       [--optimizer reset|pad]
 
 Progressive scaling (TokenFormer, paper §3.3): append M parameter tokens to every attention Pattention
 (4M to the feed-forward) of the latest checkpoint in DIR, and write NEWDIR with the grown config and a
@@ -8,9 +8,15 @@ step-0 checkpoint. Then
     python -m train --workdir NEWDIR --config.train.steps=N
 
 trains on with a fresh learning-rate schedule, reading the training data from where DIR stopped
-(`data.train_offset`), under a new W&B run. The optimizer moments of the old tokens are kept and the new
-ones start at zero (`--optimizer reset` starts the whole optimizer afresh). Parameters stay sharded by
-their logical axes throughout; the mesh is the source config's, resolved on the devices at hand.
+(`data.train_offset`), under a new W&B run. Both of the paper's recipes start a fresh optimizer, as the
+official loaders do (they load parameters only):
+  default                      zero new keys, τ pinned at √n of the trained model: the grown model computes
+                               exactly the old function (App. B; the paper's zero-init growth study)
+  --key_init random --nopin_tau  the new tokens at the grown model's random init and τ = √n of the new n:
+                               the paper's main scaling runs (not function-preserving)
+`--optimizer pad` (no paper recipe) instead keeps the trained tokens' Adam moments and step count and
+starts the new tokens' moments at zero. Parameters stay sharded by their logical axes throughout; the mesh
+is the source config's, resolved on the devices at hand.
 """
 
 from __future__ import annotations
@@ -31,23 +37,26 @@ def _define(fv):
   flags.DEFINE_string('from', None, 'the trained run to grow', flag_values=fv)
   flags.DEFINE_string('to', None, 'the new run directory (must not hold checkpoints yet)', flag_values=fv)
   flags.DEFINE_integer('add_tokens', None, 'parameter tokens added to each attention Pattention', flag_values=fv)
-  flags.DEFINE_enum('key_init', 'zeros', ['zeros', 'random'], 'keys of the new tokens: zero (the function is '
-                    'kept when tau is pinned) or the fresh random init (the paper\'s main runs)', flag_values=fv)
-  flags.DEFINE_bool('pin_tau', False, 'keep tau at sqrt(n) of the trained model instead of sqrt(new n)',
-                    flag_values=fv)
-  flags.DEFINE_enum('optimizer', 'pad', ['pad', 'reset'], 'pad the Adam moments with zeros for the new tokens, '
-                    'or start the optimizer afresh', flag_values=fv)
+  flags.DEFINE_enum('key_init', 'zeros', ['zeros', 'random'], 'keys of the new tokens: zero (with a pinned tau '
+                    'the function is kept) or the fresh random init (the paper\'s main runs)', flag_values=fv)
+  flags.DEFINE_bool('pin_tau', True, 'keep tau at sqrt(n) of the trained model (--nopin_tau: sqrt(new n), as the '
+                    'paper\'s main runs)', flag_values=fv)
+  flags.DEFINE_enum('optimizer', 'reset', ['reset', 'pad'], 'start the optimizer afresh (the official loaders), '
+                    'or keep the trained moments and step count, zero for the new tokens', flag_values=fv)
 
 
-def grow_run(source: str, target: str, add_tokens: int, *, key_init: str = 'zeros', pin_tau: bool = False,
-             optimizer: str = 'pad') -> dict:
-  """Write the grown run into `target`; return a summary (steps and parameter counts)."""
+def grow_run(source: str, target: str, add_tokens: int, *, key_init: str = 'zeros', pin_tau: bool = True,
+             optimizer: str = 'reset') -> dict:
+  """Write the grown run into `target`; return a summary (steps and parameter counts). The defaults are the
+  paper's function-preserving recipe (module docstring)."""
   config = config_lib.load_workdir_config(source)
   model_cls = models.model_class(config.model.name)
   if not model_cls.grows_by_tokens:
     raise config_lib.ConfigError(f'model {config.model.name!r} cannot grow by parameter tokens')
   if add_tokens <= 0:
     raise config_lib.ConfigError(f'--add_tokens={add_tokens} must be positive')
+  if optimizer not in ('reset', 'pad'):
+    raise config_lib.ConfigError(f'--optimizer={optimizer} must be reset or pad')
   target_checkpoints = checkpoint.Checkpointer(target, keep=config.checkpoint.keep, async_save=False)
   if target_checkpoints.latest_step() is not None:
     raise config_lib.ConfigError(f'{target} already holds checkpoints; grow into a new directory')
