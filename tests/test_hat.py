@@ -147,6 +147,18 @@ def test_cli_trains_evaluates_and_samples(trained):
   assert out.stdout.startswith('def main(') and len(out.stdout) > len('def main(\n')
 
 
+def test_word_accuracy_runs_on_a_hat_and_a_flat_run(trained, tmp_path):
+  from conftest import tiny_config
+
+  from experiments import hat as experiment
+  from train import restore, setup as setup_lib
+  from train.config import load_workdir_config
+  setup, state = restore.load_run(load_workdir_config(str(trained)), str(trained))
+  flat = setup_lib.Setup(tiny_config('transformer'), str(tmp_path))
+  for s, st in [(setup, state), (flat, flat.init_state())]:
+    assert 0 <= experiment.word_accuracy(s, st, 1) <= 1
+
+
 def test_generation_reproduces_teacher_forced_argmax(trained):
   """Greedy nested-loop generation (backbone KV cache, prompt ending inside a word) picks, at every byte and
   word end, the argmax of one teacher-forced forward pass over the words it produced."""
@@ -195,3 +207,46 @@ def test_flops_per_real_byte_skips_padding(hat_params):
   np.testing.assert_allclose(model.forward_flops_per_real_byte(lengths), exact, rtol=1e-12)
   assert model.forward_flops_per_token(16 * 8) > 2 * exact
 
+
+def test_word_accuracy_scores_the_same_bytes_for_every_model():
+  """A BPE token's leading space is charged to its own word, not the word before; byte, BPE and HAT predictions
+  that get the same bytes right get the same word accuracy."""
+  from experiments import hat as experiment
+  text = b'Hello, world! Bye'   # scored words: 'Hello,', ' world!', ' Bye'
+  score = lambda stretches: tuple(map(sum, zip(*(experiment.words_right(*s) for s in stretches))))
+  bpe = [b'Hello', b',', b' world', b'!', b' Bye', b'']   # id 5: end of document
+  tokens = np.arange(5)
+  assert score(experiment.token_stretches(tokens, tokens != 2, bpe, eos_id=5)) == (2, 3)   # ' world' wrong
+  byte_pieces = [bytes([b]) for b in range(256)] + [b'']
+  ids = np.frombuffer(text, np.uint8).astype(np.int32)
+  for wrong in (6, 7):   # the space before 'world', or its 'w': the same word as the token ' world'
+    assert score(experiment.token_stretches(ids, np.arange(len(ids)) != wrong, byte_pieces, END_OF_DOCUMENT)) == (2, 3)
+  # Words never run across an end of document.
+  split = np.asarray([0, 1, 5, 2, 3, 4, 5])
+  assert score(experiment.token_stretches(split, np.ones(7, bool), bpe, eos_id=5)) == (3, 3)
+  # HAT (whitespace rule, words cut at 4 bytes: 'Hell' 'o, ' 'worl' 'd! ' 'Bye'): a long word is scored whole, the
+  # trailing space of 'o, ' and the [W] closing it belong to ' world!'.
+  batch = words.pack_words(ids[None], np.ones((1, len(ids)), bool), eos_id=END_OF_DOCUMENT, word_id=END_OF_WORD,
+                           max_words=6, max_word_bytes=4, splitter='whitespace')
+  hat = lambda predicted: score(experiment.hat_stretches(batch['word_bytes'][0], batch['word_lengths'][0],
+                                                         batch['targets'][0], predicted))
+  assert hat(batch['targets'][0]) == (3, 3)
+  for word, position in [(1, 2), (1, 3), (2, 0), (0, 4)]:   # ' ', [W] after 'o, ', 'w'; [W] after 'Hell'
+    predicted = batch['targets'][0].copy()
+    predicted[word, position] = ord('x')
+    assert hat(predicted) == (2, 3)
+
+
+def test_bpe_tokens_tile_the_scored_words():
+  """Each byte-level BPE token lies inside one scored word, so a flat BPE model is scored on the words' bytes."""
+  from experiments import hat as experiment
+  from train import tokenizers
+  tokenizer = tokenizers.train_tokenizer('bpe', TRICKY * 4, 400)
+  pieces = experiment.token_bytes(tokenizer)
+  for text in TRICKY:
+    ids = tokenizer.encode(text)[:-1]
+    for k in range(len(ids)):   # each token mispredicted alone costs exactly one word
+      (data, right), = experiment.token_stretches(ids, np.arange(len(ids)) != k, pieces, tokenizer.eos_id)
+      assert data == text.encode()
+      right_words, total = experiment.words_right(data, right)
+      assert total - right_words == 1, (text, pieces[ids[k]])
