@@ -15,8 +15,9 @@ values are never read; a landmark query never sees its own key.
 Long inputs (evaluation with `inference=cached`, and every decode call) run in chunks of `local_len`
 tokens. Each layer keeps a ring of the last `mem_blocks` complete blocks plus the current incomplete
 one (keys unrotated, values). Per query and head the cached landmarks are scored, the `topk` blocks
-retrieved (ties to the most recent block; only real queries vote in `retrieval='head'`) and attended, with the local window, through the same grouped softmax at the paper's
-"stingy" RoPE positions. The cache size depends on `mem_blocks`, not on the input length.
+retrieved (ties to the most recent block; only real queries vote in `retrieval='head'`) and attended,
+with the local window, through the same grouped softmax at the paper's "stingy" RoPE positions. The
+cache size depends on `mem_blocks`, not on the input length.
 
 `landmarks=False` is the same model without landmarks (plain causal attention): the baseline.
 """
