@@ -4,9 +4,10 @@
   python -m experiments.mrt5 --shape tiny [--rates 0.3,0.5,0.7] [--continue_steps 200] [--eval_batches 20]
                              [--parts vowel,span,reliance] [--override key=value ...]
 
-1. Vowel removal: trains experiments/configs/mrt5.py:SHAPE,vowel_t5 and ,vowel_mrt5 from scratch and
-   reports sequence accuracy (every target byte right under teacher forcing, which is what greedy
-   decoding then produces), the deletion rate and which bytes are deleted (the share of deleted bytes
+1. Vowel removal: trains experiments/configs/mrt5.py:SHAPE,vowel_t5, ,vowel_mrt5, and ,vowel_random and
+   ,vowel_fixed (deletion at the vowel share, the rate the learned gate reaches) from scratch and reports
+   sequence accuracy (every target byte right under teacher forcing, which is what greedy decoding then
+   produces), the deletion rate and which bytes are deleted (the share of deleted bytes
    that are vowels, the share of vowels deleted), with hard and with soft deletion.
 2. Span corruption on WikiText-2 bytes: trains the ByT5 base (SHAPE,byt5), then continues it for
    `continue_steps` as ByT5 (no deletion: the reference at equal steps), MrT5 with the PI controller
@@ -35,7 +36,7 @@ import numpy as np
 from experiments import run as runner
 
 CONFIG = 'experiments/configs/mrt5.py'
-VOWEL_ROWS = ('vowel_t5', 'vowel_mrt5')
+VOWEL_ROWS = ('vowel_t5', 'vowel_mrt5', 'vowel_random', 'vowel_fixed')
 DELETION_KINDS = ('mrt5', 'random', 'fixed')   # span rows KIND-δ continue the base, as does byt5 (no deletion)
 PARTS = ('vowel', 'span', 'reliance')
 
@@ -181,6 +182,19 @@ def plot(rows: list[dict]):
   return fig
 
 
+def vowel_verdict(vowels: dict) -> str:
+  """Whether the paper's direction shows: learned deletion keeps the sequence accuracy that random and
+  fixed deletion at the same rate lose."""
+  accuracy = {name: modes['hard']['sequence_accuracy'] for name, modes in vowels.items()}
+  if not {'vowel_t5', 'vowel_mrt5', 'vowel_random', 'vowel_fixed'} <= set(accuracy):
+    return 'Direction: not all four rows have run yet.'
+  others = max(accuracy['vowel_random'], accuracy['vowel_fixed'])
+  shows = accuracy['vowel_mrt5'] > others + 0.05 and accuracy['vowel_mrt5'] > accuracy['vowel_t5'] - 0.05
+  return (f"Direction {'shows' if shows else 'does not show'}: learned deletion {accuracy['vowel_mrt5']:.3f} "
+          f"(no deletion {accuracy['vowel_t5']:.3f}) against random {accuracy['vowel_random']:.3f} and fixed "
+          f"{accuracy['vowel_fixed']:.3f} at the same rate.")
+
+
 def sections(rows: list[dict], continue_steps: int, continue_lr: float, eval_batches: int) -> list[str]:
   lines = ['## Vowel removal (random letter strings; target: the string without vowels)', '',
            'Sequence accuracy: every target byte right under teacher forcing (what greedy decoding reproduces). '
@@ -191,6 +205,7 @@ def sections(rows: list[dict], continue_steps: int, continue_lr: float, eval_bat
                         [[name, mode, m['sequence_accuracy'], m['deletion_rate'], m['vowel_share_of_deleted'],
                           m['vowels_deleted'], m['vowel_share_of_input']]
                          for name, modes in runner.probed(rows, 'vowels').items() for mode, m in modes.items()])
+  lines += ['', vowel_verdict(runner.probed(rows, 'vowels'))]
   span = span_table(rows)
   if not span:
     return lines + ['', 'Span corruption: not run yet (`--parts span`).']

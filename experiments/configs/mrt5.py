@@ -7,6 +7,8 @@
             | random | fixed (deletion at model.target_deletion: the paper's RandomT5 and FixedT5)
             | vowel_t5 | vowel_mrt5 (the diagnostic: 3 + 3 layers; tiny: strings of 24 random letters,
               2,000 steps, the gate loss from step 1,000; small: the paper's 64 letters, 30k steps)
+            | vowel_random | vowel_fixed (the diagnostic with random / fixed deletion at the input's
+              vowel share, the rate the learned gate reaches)
 
 Span corruption: noise density 0.15, mean span 20 bytes (the paper's). The deletion rows are meant to
 continue a trained byt5 run (`--config.train.init_from=DIR`), as the paper continues ByT5: AdamW at a
@@ -26,7 +28,8 @@ VOWEL_SHAPES = {   # letters per string (the gate loss starts half-way through t
     'tiny': dict(letters=24, batch=64, steps=2000),
     'small': dict(letters=64, batch=128, steps=30000),   # the paper's diagnostic (its delay is 10k of 30k steps)
 }
-ROWS = ('byt5', 'mrt5', 'random', 'fixed', 'vowel_t5', 'vowel_mrt5')
+ROWS = ('byt5', 'mrt5', 'random', 'fixed', 'vowel_t5', 'vowel_mrt5', 'vowel_random', 'vowel_fixed')
+VOWEL_SHARE = 0.18   # of the diagnostic's inputs (5 of 26 letters, and the eos): measured 0.183
 
 
 def get_config(arg='tiny,byt5'):
@@ -38,8 +41,9 @@ def get_config(arg='tiny,byt5'):
                                                                   'steps', 'lr'))
   vowels = row.startswith('vowel')
   c = default_config('byt5' if row in ('byt5', 'vowel_t5') else 'mrt5')
+  deletion = {'byt5': 'none', 'vowel_t5': 'none', 'mrt5': 'gate', 'vowel_mrt5': 'gate'}.get(row, row.split('_')[-1])
   c.model.update(d_model=d, num_heads=heads, d_ff=d_ff, encoder_layers=6, decoder_layers=2, gate_layer=2,
-                 deletion={'random': 'random', 'fixed': 'fixed', 'byt5': 'none', 'vowel_t5': 'none'}.get(row, 'gate'))
+                 deletion=deletion)
   c.data.update(corpus='wikitext2', dir='../shared/data/wikitext-2', tokenizer='byte')
   c.train.update(steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, min_lr_ratio=0.1, b2=0.99,
                  warmup_steps=steps // 20, weight_decay=0.01, grad_clip=1.0, log_every=25, eval_every=steps,
@@ -48,6 +52,8 @@ def get_config(arg='tiny,byt5'):
     letters, batch, steps = (VOWEL_SHAPES[shape][key] for key in ('letters', 'batch', 'steps'))
     c.model.update(task='vowel_removal', encoder_layers=3, decoder_layers=3, gate_scale=-10.0, controller='fixed',
                    gate_alpha=1e-3, regularizer_delay=steps // 2)
+    if deletion in ('random', 'fixed'):
+      c.model.target_deletion = VOWEL_SHARE
     c.train.update(seq_len=letters + 1, batch_size=batch, steps=steps, warmup_steps=steps // 20, eval_every=steps)
   c.checkpoint.every = c.train.steps
   c.wandb.mode = 'disabled'
