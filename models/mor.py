@@ -15,9 +15,12 @@ Expert-choice router (`router=expert`, the paper's recipe): at recursion r a bia
 gives g = alpha·σ(θ_rᵀh) (alpha = 0.1); training keeps the top k_r = max(1, ⌊cap_r·T⌋) of the tokens
 that survived recursion r-1 (cap_r = (N_r-r+1)/N_r), in causal order with their own positions, and
 updates them h <- h + g·f(h), where f is the whole pool stack with its inner residuals. The auxiliary
-BCE pushes σ towards the top-k membership (coefficient 1e-3), so that evaluation and generation can
-decide causally with σ > 0.5 (`eval_routing=threshold`); `eval_routing=topk` evaluates as in training.
-A recursion at capacity 1 passes every candidate in both modes.
+BCE pushes σ towards the top-k membership (coefficient 1e-3), so that generation can decide causally
+with σ > 0.5. Evaluation (`eval_routing`): `topk` (default), as in training and as the official code
+evaluates, picks each recursion's top k_r of the whole window, so a token's depth depends on later
+tokens' scores (not causal); `threshold` routes by σ > 0.5, causally, as decoding always does. Report
+both: `python -m train.evaluate` gives top-k, `--config.model.eval_routing=threshold` the causal numbers
+(experiments/mor.py evaluates both). A recursion at capacity 1 passes every candidate in both modes.
 
 Token-choice router (`router=token`): one softmax over N_r at the first recursion; the token takes
 i = argmax recursions, intermediate recursions pass f(h) on, the last gives h¹ + g_i·f(hⁱ) (alpha = 1).
@@ -93,7 +96,7 @@ class RecursiveLM(LanguageModel):
   capacities: str = ''             # expert: comma-separated fractions per recursion; '' = (N_r - r + 1) / N_r
   expert_alpha: float = 0.1
   expert_aux_coef: float = 1e-3    # BCE of the router logits against their own top-k
-  eval_routing: str = 'threshold'  # expert at evaluation: threshold (σ > 0.5, causal) | topk (as in training)
+  eval_routing: str = 'topk'       # expert at evaluation: topk (as in training, the official code) | threshold
   token_alpha: float = 1.0
   token_balancing: str = 'loss'    # loss (Switch, balance_coef) | loss_free (selection bias)
   balance_coef: float = 0.1
@@ -188,7 +191,8 @@ class RecursiveLM(LanguageModel):
       x = run('first', 0, x, positions) if self.prefix else x
       if self.router == 'token':
         x, aux = self._token_choice(run, x, positions, train)
-      elif (self.gather and train) or (not train and self.eval_routing == 'topk'):
+      # A decoded token cannot see the tokens after it: decoding routes by the threshold whatever eval_routing says.
+      elif (self.gather and train) or (not train and not decode and self.eval_routing == 'topk'):
         x, aux = self._expert_gather(run, x, positions)
       else:
         x, aux = self._expert_dense(run, x, positions, topk=train)
@@ -276,7 +280,7 @@ class RecursiveLM(LanguageModel):
 
   def _expert_dense(self, run, x, positions, topk: bool):
     """Every token through every recursion, the update masked to the selected ones: the reference for
-    the gathered top-k, and the causal σ > 0.5 routing of evaluation and decoding."""
+    the gathered top-k, and the causal σ > 0.5 routing of threshold evaluation and of decoding."""
     batch, length = positions.shape
     rows = jnp.arange(batch)[:, None]
     active = jnp.ones((batch, length), bool)

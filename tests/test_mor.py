@@ -61,10 +61,42 @@ def test_topk_capacities_and_hierarchical_filtering():
   # Custom capacities; at evaluation with thresholds the selection is σ > 0.5 among the survivors.
   custom, params2, _, _ = build(capacities='1,0.5,0.25')
   np.testing.assert_array_equal(selections(custom, params2, tokens, train=True)[0].sum(-1), [[24, 24], [12, 12], [6, 6]])
-  evaluated, _ = selections(model, params, tokens)
+  evaluated, _ = selections(model.clone(eval_routing='threshold'), params, tokens)
   assert evaluated[0].all() and (evaluated[2] <= evaluated[1]).all() and 0 < evaluated[1].sum() < evaluated[1].size
   with pytest.raises(ValueError, match='non-increasing'):
     build(capacities='1,0.3,0.6')
+
+
+def test_evaluation_routes_by_the_training_topk_by_default():
+  """The official code evaluates with the training top-k: the default evaluation forward is the training
+  one (routing is the only difference), over the whole window, so not causal; eval_routing=threshold is the
+  causal σ > 0.5 routing (its causality: test_models and the variants below)."""
+  model, params, _, tokens = build()
+  evaluated = model.apply({'params': params}, tokens)[0]
+  np.testing.assert_allclose(evaluated, model.apply({'params': params}, tokens, train=True)[0], atol=1e-6)
+  np.testing.assert_array_equal(selections(model, params, tokens)[0].sum(-1), [[24, 24], [16, 16], [8, 8]])
+  assert not np.allclose(model.clone(eval_routing='threshold').apply({'params': params}, tokens)[0], evaluated,
+                         atol=1e-4)
+  later_changed = tokens.at[:, 12:].set((tokens[:, 12:] + 5) % VOCAB)   # can move an earlier token's depth
+  assert not np.allclose(model.apply({'params': params}, later_changed)[0][:, :12], evaluated[:, :12], atol=1e-6)
+
+
+def test_the_experiment_reports_topk_and_threshold_numbers(monkeypatch):
+  from experiments import mor as experiment
+  calls = []
+  monkeypatch.setattr(experiment.runner, 'evaluate', lambda workdir, **kw: calls.append(kw) or {'ppl': 3.0, 'bpb': 1.5})
+  rows = {row.name: row for row in experiment.declare('tiny', 25, 0).rows}
+  routed = {name for name, row in rows.items() if 'threshold' in row.probes}
+  assert routed == {'mor2-flops', 'mor3-flops', 'mor3_kvshare-flops', 'mor3-tokens'}   # the expert-choice rows
+  value = rows['mor3-flops'].probes['threshold']({'workdir': 'runs/x'})
+  assert value == {'valid_ppl': 3.0, 'valid_bpb': 1.5, 'test_ppl': 3.0, 'test_bpb': 1.5}
+  assert calls == [dict(split=split, max_batches=25, overrides=['model.eval_routing=threshold'])
+                   for split in ('valid', 'test')]
+  row = dict(name='mor3-flops', valid_ppl=2.0, test_ppl=2.1, tokens_per_sec=1.0, peak_memory_bytes=None,
+             probes={'threshold': {'value': {**value, 'test_ppl': 3.1}}})
+  table = experiment.sections([row])
+  assert table[2].split(' | ')[2:6] == ['valid_ppl', 'test_ppl', 'valid_ppl_threshold', 'test_ppl_threshold']
+  assert table[4].split(' | ')[2:6] == ['2', '2.1', '3', '3.1']
 
 
 @pytest.mark.parametrize('kw', [dict(), dict(kv_sharing=True, num_recursions=2, num_layers=6)])
@@ -122,7 +154,8 @@ def test_auxiliary_losses():
   np.testing.assert_allclose(new_state['router_state']['bias'], 1e-3 * np.sign(load.mean() - load), atol=1e-9)
 
 
-@pytest.mark.parametrize('kw', [dict(router='token'), dict(kv_sharing=True, num_kv_heads=2)])   # default: test_models
+@pytest.mark.parametrize('kw', [dict(router='token'),
+                                dict(kv_sharing=True, num_kv_heads=2, eval_routing='threshold')])   # default: test_models
 def test_causality_in_evaluation_of_the_variants(kw):
   # (Cached decoding equal to the full pass, below, also shows that the full pass never looks ahead.)
   model, params, _, tokens = build('mor', **kw)
@@ -133,10 +166,13 @@ def test_causality_in_evaluation_of_the_variants(kw):
 @pytest.mark.parametrize('name,kw', [('recursive', dict(sharing='middle_sequence')), ('mor', {}),
                                      ('mor', dict(kv_sharing=True, num_kv_heads=2))])
 def test_cached_decode_equals_full_forward(name, kw):
-  model, params, state, tokens = build(name, **kw)
-  full, _ = model.apply({'params': params, **state}, tokens)
+  """Decoding routes by σ > 0.5 even when evaluation routes by the top-k (the default): it equals the full
+  causal pass."""
+  model, params, state, tokens = build(name, eval_routing='topk', **kw)
+  causal = model.clone(eval_routing='threshold')
+  full, _ = causal.apply({'params': params, **state}, tokens)
   if name == 'mor' and kw.get('router', 'expert') == 'expert':   # the test means something: some tokens skip
-    skipped = selections(model, params, tokens)[0]
+    skipped = selections(causal, params, tokens)[0]
     assert 0 < skipped[1:].sum() < skipped[1:].size
   cache = sampling.init_cache(model, 2, tokens.shape[1])   # as `train.sample` builds it
   # A prompt chunk of 10, then one token per call: every position's logits equal the full pass.
