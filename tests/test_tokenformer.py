@@ -199,3 +199,11 @@ def test_grow_keeps_a_sharded_checkpoint_sharded(tmp_path):
   assert result['keys_shape'] == [96 + 4 * 8, 32]   # the feed-forward's n_ffn grew by 4x8
   assert result['loss_after'] == pytest.approx(result['loss_before'], abs=1e-5)
   assert result['adam_count'] == 0 and result['adam_mu_abs_sum'] == 0   # --optimizer reset
+
+
+def test_grown_rows_of_the_scaling_experiment_run_the_papers_recipes():
+  from experiments import tokenformer_scaling
+  rows = {row.name: row for row in tokenformer_scaling.declare('tiny', 'runs').rows}
+  recipe = lambda name: rows[name].prepare[rows[name].prepare.index('--key_init'):]
+  assert recipe('B-zeros') == recipe('B-gentle') == ('--key_init', 'zeros', '--pin_tau', '--optimizer', 'reset')
+  assert recipe('B-random') == ('--key_init', 'random', '--nopin_tau', '--optimizer', 'reset')   # the main runs
