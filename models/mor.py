@@ -75,6 +75,7 @@ def take(x: jax.Array, index: jax.Array) -> jax.Array:
 class RecursiveLM(LanguageModel):
   """The shared decoder; the registered subclasses below set its defaults."""
   state_collections = ('router_state',)   # the loss-free balancing bias (router=token)
+  causal_evaluation = {'eval_routing': 'threshold'}   # expert choice's σ > 0.5, as decoding routes
   # paper: MoR 360M, N_r = 3, Middle-Cycle, expert choice (spec grassmann-tokenformer-mor.md §3.1, Table 3)
   presets = {'tiny': dict(d_model=32, num_layers=5, num_recursions=3, num_heads=2, d_ff=64, max_len=32),
              'paper': dict(d_model=960, num_layers=32, num_recursions=3, num_heads=15, num_kv_heads=5, d_ff=2560,

@@ -93,6 +93,10 @@ class LanguageModel(nn.Module):
   arena_knob: ClassVar[str] = 'd_ff'
   # `grown_config` and `grown_params` scale a trained model up (`python -m train.grow`: TokenFormer).
   grows_by_tokens: ClassVar[bool] = False
+  # Model keys under which evaluation is causal, where the default evaluation is not by design (MoR's
+  # training top-k ranks the whole window): the arena compares every model causally with them, and the
+  # shared causality test runs under them.
+  causal_evaluation: ClassVar[dict] = {}
 
   @classmethod
   def arena_layout(cls, *, d_model: int, depth: int, heads: int) -> dict:

@@ -21,6 +21,8 @@ def test_every_architecture_matches_the_baselines_parameters_and_training_flops(
     flops = c.train.steps * arena.model_of(c).flops_per_token(seq_len)
     assert flops == pytest.approx(steps * target_flops_per_token, rel=0.5 / c.train.steps), name
   assert arena.get_config('tiny,mor').train.steps < steps < arena.get_config('tiny,hat').train.steps
+  # Compared causally: MoR's default evaluation ranks the whole window by its training top-k.
+  assert arena.get_config('tiny,mor').model.eval_routing == 'threshold'
 
 
 def test_arena_cli_writes_the_row_and_lists_the_missing(tmp_path):

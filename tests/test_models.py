@@ -35,10 +35,6 @@ GENERATION_TESTED_IN = {
 # Decode caches that are exact only under a setting: Landmark retrieves `topk` of the cached blocks, so its
 # decoding equals the full pass when k covers every block (test_landmark.py checks it otherwise bounded).
 EXACT_DECODING = {'landmark': dict(topk=4)}
-# Evaluation that is not causal by design, and the setting under which it is: MoR evaluates by default with the
-# training top-k over the whole window (the official code's; test_mor.py::test_evaluation_routes_by_the_training_topk
-# _by_default); its σ > 0.5 routing is causal, and is what decoding uses.
-CAUSAL_UNDER = {'mor': dict(eval_routing='threshold')}
 # XLA counts every op as flops: Lexinvariant's per-sequence random table (threefry's integer work) is counted
 # against its matmuls, so its count is taken with learned embeddings, the same matmuls without the draw.
 FLOPS_COUNTED_AS = {'lexinvariant': dict(embedding='learned')}
@@ -120,7 +116,7 @@ def test_loss_at_init_is_finite_and_near_uniform(name, cache_dir):
 def test_causal(name, cache_dir):
   """Changing the causal input after step t changes no logit up to t, and does change later ones."""
   setup, state, batch = built(name, cache_dir)
-  model = setup.model.clone(**CAUSAL_UNDER.get(name, {}))
+  model = setup.model.clone(**setup.model.causal_evaluation)   # MoR: its causal routing
   key, t = model.format.causal_input, 3
   changed = dict(batch, **{key: batch[key].copy()})
   changed[key][:, t + 1:] = (changed[key][:, t + 1:] + 5) % 200
@@ -135,7 +131,7 @@ def test_cached_decoding_equals_the_full_forward(name, cache_dir):
   """A prompt chunk, then one token per call: each step's logits equal the full forward's at that position.
   Without a decode cache, greedy generation equals the argmax of the full forward over its output."""
   setup, state, batch = built(name, cache_dir)
-  model = setup.model.clone(**EXACT_DECODING.get(name, {}), **CAUSAL_UNDER.get(name, {}))
+  model = setup.model.clone(**EXACT_DECODING.get(name, {}), **setup.model.causal_evaluation)
   params, model_state = state['params'], state['model_state']
   if model.batch_format != 'lm':
     pytest.skip(f'generation of the {model.batch_format} format is checked in {GENERATION_TESTED_IN[model.batch_format]}')

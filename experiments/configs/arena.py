@@ -13,7 +13,9 @@ steps so that steps x tokens per step x `flops_per_token` equals the baseline's 
 model reads the same bytes (WikiText-2 by default; the arena's --corpus overrides data.*), so bits per
 byte compare across all of them. Same optimiser and schedule for all: AdamW (0.9, 0.95), weight decay
 0.1, clipping 1.0, 5% warm-up, cosine to 10%; no dropout anywhere (a decision: the runs are far
-shorter than an epoch, and some papers' dropout would handicap their own row).
+shorter than an epoch, and some papers' dropout would handicap their own row). Every row is evaluated
+causally (each model's `causal_evaluation` keys: MoR routes by σ > 0.5, not by its training top-k,
+which ranks the whole window; experiments/mor.py reports both).
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def shaped(name: str, *, d_model: int, depth: int, heads: int, seq_len: int) -> 
   """`name` at the preset's shape, in its paper's layout, before parameter matching."""
   c = default_config(name)
   m = c.model
-  m.update(d_model=d_model, **models.model_class(name).arena_layout(d_model=d_model, depth=depth, heads=heads))
+  model_class = models.model_class(name)
+  m.update(d_model=d_model, **model_class.arena_layout(d_model=d_model, depth=depth, heads=heads),
+           **model_class.causal_evaluation)   # every row evaluated causally (MoR: σ > 0.5, not its top-k)
   for key, value in (('max_len', seq_len), ('max_words', seq_len // 4), ('dropout', 0.0)):
     if key in m:   # positions up to the window, HAT's words at 4 bytes each on average, no dropout anywhere
       m[key] = value
