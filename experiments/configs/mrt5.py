@@ -10,7 +10,9 @@
             | vowel_random | vowel_fixed (the diagnostic with random / fixed deletion at the input's
               vowel share, the rate the learned gate reaches)
 
-Span corruption: noise density 0.15, mean span 20 bytes (the paper's). The deletion rows are meant to
+Span corruption: noise density 0.15, mean span 20 bytes (the paper's; tiny: 3 bytes, T5's default, so
+that the tiny decoder must read its encoder to fill a span: at 20 bytes it filled each span from its own
+language model and read the encoder for 0.01 nats, where deletion cost nothing and so could not track δ). The deletion rows are meant to
 continue a trained byt5 run (`--config.train.init_from=DIR`), as the paper continues ByT5: AdamW at a
 constant learning rate (the paper: 1e-4, linear decay, no warm-up; ours is higher for the short runs),
 no gate-loss delay, β = 0.5 for the score regulariser. The diagnostic follows the paper's: the gate at
@@ -21,8 +23,8 @@ after a delay, softmax₁ everywhere.
 from train.config import default_config
 
 SHAPES = {
-    'tiny': dict(d_model=128, heads=4, d_ff=320, seq_len=128, batch=32, steps=1200, lr=3e-3),
-    'small': dict(d_model=256, heads=4, d_ff=640, seq_len=1024, batch=32, steps=5000, lr=1e-3),
+    'tiny': dict(d_model=128, heads=4, d_ff=320, seq_len=128, batch=32, steps=1200, lr=3e-3, mean_span=3.0),
+    'small': dict(d_model=256, heads=4, d_ff=640, seq_len=1024, batch=32, steps=5000, lr=1e-3, mean_span=20.0),
 }
 VOWEL_SHAPES = {   # letters per string (the gate loss starts half-way through the steps)
     'tiny': dict(letters=24, batch=64, steps=2000),
@@ -43,7 +45,7 @@ def get_config(arg='tiny,byt5'):
   c = default_config('byt5' if row in ('byt5', 'vowel_t5') else 'mrt5')
   deletion = {'byt5': 'none', 'vowel_t5': 'none', 'mrt5': 'gate', 'vowel_mrt5': 'gate'}.get(row, row.split('_')[-1])
   c.model.update(d_model=d, num_heads=heads, d_ff=d_ff, encoder_layers=6, decoder_layers=2, gate_layer=2,
-                 deletion=deletion)
+                 deletion=deletion, mean_span=s['mean_span'])
   c.data.update(corpus='wikitext2', dir='../shared/data/wikitext-2', tokenizer='byte')
   c.train.update(steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, min_lr_ratio=0.1, b2=0.99,
                  warmup_steps=steps // 20, weight_decay=0.01, grad_clip=1.0, log_every=25, eval_every=steps,
