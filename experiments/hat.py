@@ -263,7 +263,29 @@ def sections(rows: list[dict], eval_batches: int) -> list[str]:
                             *(f'{e[p]["word_accuracy"] / max(e["clean"]["word_accuracy"], 1e-9) - 1:+.1%}'
                               for p in PERTURBATIONS)]
                            for name, e in results.items()])
+    lines += ['', *verdict(results)]
   return lines
+
+
+def verdict(results: dict) -> list[str]:
+  """Whether the paper's two directions show: HAT about as good as BPE on clean text at matched compute,
+  and hurt less than BPE by the perturbations (the mean relative bits-per-byte increase)."""
+  if not {'hat', 'bpe'} <= set(results):
+    return []
+  clean = {name: results[name]['clean']['bpb'] for name in ('hat', 'bpe')}
+  hurt = {name: float(np.mean([results[name][p]['bpb'] / clean[name] - 1 for p in PERTURBATIONS]))
+          for name in ('hat', 'bpe')}
+  parity = clean['hat'] <= 1.02 * clean['bpe']
+  robust = hurt['hat'] < hurt['bpe']
+  why = ''
+  if not parity and 'byte' in results:   # byte-level models must first learn the spelling a BPE vocabulary holds
+    why = (f" The flat byte Transformer is behind BPE as well ({results['byte']['clean']['bpb']:.3f}): at this "
+           'scale and length of training, spelling is still being learned by every byte-level model, while the '
+           "paper's parity is at 1B+ parameters after hundreds of billions of bytes.")
+  return [f"Clean text: {'shows' if parity else 'does not show'} (HAT {clean['hat']:.3f} bits per byte, BPE "
+          f"{clean['bpe']:.3f}; the paper has HAT at or below BPE at equal compute).{why}",
+          f"Robustness: {'shows' if robust else 'does not show'} (mean bits-per-byte increase over the perturbations: "
+          f"HAT {hurt['hat']:+.1%}, BPE {hurt['bpe']:+.1%})."]
 
 
 def declare(shape: str, runs: str, eval_batches: int) -> runner.Experiment:
