@@ -213,6 +213,10 @@ class ByT5(LanguageModel):
   controller_p: float = 0.5       # k_p
   controller_i: float = 1e-5      # k_i
   controller_ema: float = 0.9
+  # False: α = max(0, P + I), the official controller, which can only push towards deletion; True: α = P + I,
+  # so a rate above δ pushes the gates back up (the only other force is the task loss, nil when the
+  # decoder barely reads its encoder)
+  controller_two_sided: bool = False
   gate_alpha: float = 0.0
   regularizer_delay: int = 0      # steps without gate loss
   score_weight: float = 0.5       # β of the attention-score regulariser (gate only; 0 = off)
@@ -378,7 +382,7 @@ class ByT5(LanguageModel):
     if self.controller == 'pi':
       terms = pi_controller_update(terms, jax.lax.stop_gradient(rate), self.target_deletion, self.controller_p,
                                    self.controller_i, self.controller_ema)
-      alpha = jnp.maximum(0.0, terms.sum())
+      alpha = terms.sum() if self.controller_two_sided else jnp.maximum(0.0, terms.sum())
     else:
       alpha = jnp.asarray(self.gate_alpha, jnp.float32)
     alpha = jnp.where(active, alpha, 0.0)

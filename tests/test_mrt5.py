@@ -241,6 +241,16 @@ def test_training_updates_the_controller_and_reports_the_losses():
   # Nothing deleted yet, so the error is δ: P = 0.1·k_p·δ, I = k_i·δ.
   np.testing.assert_allclose(state['controller']['terms'], [0.1 * 0.5 * 0.5, 1e-5 * 0.5], rtol=1e-5)
   assert aux['mrt5/alpha'] == pytest.approx(0.025 + 5e-6) and aux['loss/gate'] < 0 and aux['loss/score'] >= 0
+  # Over the target (here every token deleted, δ = 0.5): the official α stays at 0, the two-sided one turns
+  # negative, pushing the gates back up.
+  over = init(model)
+  over['params']['gate'] = {**over['params']['gate'], 'bias': jnp.full((1,), -1e3)}
+  for two_sided in (False, True):
+    apply = jax.jit(lambda v, m=model.clone(controller_two_sided=two_sided): m.apply(
+        v, batch['encoder_tokens'], batch['decoder_tokens'], train=True, rngs=rngs, mutable=['controller']))
+    (_, aux), _ = apply({**over, **state})
+    assert aux['mrt5/deletion_rate'] == 1
+    assert (aux['mrt5/alpha'] < 0) == two_sided and aux['mrt5/alpha'] <= 0
 
 
 def test_decoder_is_causal_and_reads_the_encoder():
