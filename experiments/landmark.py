@@ -3,6 +3,7 @@ passkey test, and memory against evaluation length.
 
   python -m experiments.landmark --shape tiny [--eval_tokens 65536] [--passkey_prompts 50]
                                  [--passkey_lengths 1024,2048,...] [--skip_long_eval] [--skip_passkey]
+                                 [--rows landmark,baseline,landmark-passkey,baseline-passkey]
                                  [--override key=value ...]
 
 1. Trains experiments/configs/landmark.py:SHAPE,{landmark,baseline} in runs/landmark-SHAPE/ROW (a finished
@@ -13,7 +14,9 @@ passkey test, and memory against evaluation length.
 3. Passkey retrieval: 50 prompts per length; a prompt is right when, fed the prompt and the key, the
    model's argmax predicts every digit of the key and then a non-digit (what greedy decoding would
    produce). The landmark model reads the whole prompt through its cache (ℓ_local 250, k 4, all blocks
-   kept); the baseline sees the last 512 bytes, its training window.
+   kept); the baseline sees the last 512 bytes, its training window. The `-passkey` rows train the same
+   models with the passkey recipe (configs/landmark.py: 90% passkey windows, 6x the steps) and are probed
+   on passkey retrieval only.
 4. Peak memory of one sequence's evaluation forward: XLA's compile-time estimate (arguments + temporaries).
 2-4 are probes of the trained runs. Writes results/landmark-SHAPE.{md,json,png}.
 """
@@ -36,12 +39,18 @@ LONG_EVAL = [
     (4096, 'baseline', None), (4096, 'landmark', (250, 40, 4)), (4096, 'landmark', (250, 80, 2)),
     (4096, 'landmark', (250, 80, 4)), (8192, 'landmark', (250, 80, 4)),
 ]
-PASSKEY_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+PASSKEY_LENGTHS = (500, 1024, 2048, 4096, 8192, 16384, 32768)   # 500: inside the training window
 MEMORY_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 RETRIEVAL = dict(inference='cached', local_len=250, mem_blocks=4, topk=4)   # passkey: every block kept (below)
 # How each row reads a passkey prompt: the landmark model all of it through its cache, the baseline its window.
 PASSKEY_READS = {'landmark': dict(overrides=RETRIEVAL, window=None), 'baseline': dict(overrides={}, window=512)}
-PASSKEY_LABELS = {'landmark': 'landmark (cached, k=4)', 'baseline': 'baseline (last 512 bytes)'}
+PASSKEY_LABELS = {'landmark': 'landmark (cached, k=4)', 'baseline': 'baseline (last 512 bytes)',
+                  'landmark-passkey': 'landmark, passkey recipe (cached, k=4)',
+                  'baseline-passkey': 'baseline, passkey recipe (last 512 bytes)'}
+# ROW: (config ROW[,passkey], the passkey reading, whether the Table 1 and memory probes run on it)
+ROWS = {'landmark': ('landmark', 'landmark', True), 'baseline': ('baseline', 'baseline', True),
+        'landmark-passkey': ('landmark,passkey', 'landmark', False),
+        'baseline-passkey': ('baseline,passkey', 'baseline', False)}
 DESCRIPTION = (
     'Byte-level Gutenberg books (whole books held out); the landmark model trains on windows of 502 bytes (512 '
     'positions with its 10 landmarks), the baseline (the same model without landmarks) on 512 bytes. 10% of the '
@@ -193,15 +202,16 @@ def sections(rows: list[dict]) -> list[str]:
 def declare(args) -> runner.Experiment:
   lengths = [int(x) for x in args.passkey_lengths.split(',')]
   rows = []
-  for name in ('landmark', 'baseline'):
+  for name, (config_row, reading, table1) in ROWS.items():
     probes = {}
-    if not args.skip_long_eval:
+    if table1 and not args.skip_long_eval:
       probes['long_eval'] = functools.partial(long_eval, eval_tokens=args.eval_tokens)
     if not args.skip_passkey:
       probes['passkey'] = functools.partial(passkey_accuracy, lengths=lengths, n_prompts=args.passkey_prompts,
-                                            **PASSKEY_READS[name])
-    probes['memory_mb'] = memory_curves
-    rows.append(runner.Row(name, f'{CONFIG}:{args.shape},{name}', probes=probes))
+                                            **PASSKEY_READS[reading])
+    if table1:
+      probes['memory_mb'] = memory_curves
+    rows.append(runner.Row(name, f'{CONFIG}:{args.shape},{config_row}', probes=probes))
   return runner.Experiment(f'landmark-{args.shape}', rows, title=f'Landmark attention, {args.shape}',
                            description=DESCRIPTION, eval_batches=args.eval_batches, sections=sections,
                            plots={'': plot})
@@ -216,9 +226,12 @@ def main():
   parser.add_argument('--passkey_lengths', default=','.join(map(str, PASSKEY_LENGTHS)))
   parser.add_argument('--skip_long_eval', action='store_true')
   parser.add_argument('--skip_passkey', action='store_true')
+  parser.add_argument('--rows', default=None, help=f'comma-separated rows to train and probe (default: all of '
+                      f'{", ".join(ROWS)}); the others keep their earlier results')
   runner.add_arguments(parser)
   args = parser.parse_args()
-  runner.run_experiment(declare(args), runs=args.runs, results=args.results, overrides=args.override)
+  rows = [r for r in args.rows.split(',') if r] if args.rows is not None else None
+  runner.run_experiment(declare(args), runs=args.runs, results=args.results, rows=rows, overrides=args.override)
 
 
 if __name__ == '__main__':

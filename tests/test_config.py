@@ -32,3 +32,13 @@ def test_missing_config_file_and_workdir():
       "'experiments/configs/nope.py'")
   out = run_module('train.evaluate', '--workdir', '/no/such/run')
   assert out.returncode == 2 and out.stderr.strip().startswith('error: /no/such/run/config.json not found')
+
+
+def test_landmark_passkey_variant_changes_only_the_passkey_recipe():
+  from experiments.configs import landmark
+  plain, recipe = landmark.get_config('tiny,landmark'), landmark.get_config('tiny,landmark,passkey')
+  assert (plain.data.passkey_fraction, recipe.data.passkey_fraction) == (0.1, 0.9)
+  assert recipe.train.steps == 6 * plain.train.steps
+  assert recipe.model.to_dict() == plain.model.to_dict()
+  with pytest.raises(ValueError, match='must be passkey'):
+    landmark.get_config('tiny,landmark,pass')
