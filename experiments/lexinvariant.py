@@ -1,26 +1,29 @@
 """The lexinvariant paper's three findings at small scale, in one command:
 
-  python -m experiments.lexinvariant --shape tiny [--stages train,curves,cipher,tasks] [--bpe]
-                                     [--override key=value ...]
+  python -m experiments.lexinvariant --shape tiny [--stages train,curves,ciphered,cipher,tasks] [--bpe]
+                                     [--rows ROW,...] [--override key=value ...]
 
-train   the standard (learned embeddings) and the lexinvariant (random tables) model on WikiText-2 and on
-        Python source (the stdlib corpus), character level (`--bpe` adds the 8k BPE pair on WikiText-2);
-        results/lexinvariant-<shape>.md holds their perplexity and bits per byte (one table draw).
-curves  per-position perplexity, averaged over 4 table draws, smoothed: does the gap close with context?
-cipher  freeze the WikiText-2 lexinvariant model, train a 2-layer MLP probe with a learned output
-        embedding to name the true character at each position, then decode letter-substitution ciphers:
-        precision of the key recovered by majority vote in each window, against the window's position.
-tasks   LookUp ("A->2 C->4 G->5 C->" gives 4) and Permutation ("abcd->cadb efgh->gehf ijkl->" gives
-        "kilj") with random symbols and no task training: accuracy of the greedy tokens, both models.
-curves, cipher and tasks are probes of the trained runs: leaving `train` out of --stages runs them on the
-runs already in the results. Everything lands in results/lexinvariant-<shape>.{json,md} and the plots
-beside it.
+train     the standard (learned embeddings) and the lexinvariant (random tables) model on WikiText-2 and on
+          Python source (the stdlib corpus), character level (`--bpe` adds the 8k BPE pair on WikiText-2);
+          results/lexinvariant-<shape>.md holds their perplexity and bits per byte (one table draw).
+curves    per-position perplexity, averaged over 4 table draws, smoothed: does the gap close with context?
+ciphered  the same on validation text under a fresh substitution cipher of the lowercase letters per
+          sequence: to the standard model it is text it never saw, to the lexinvariant model plain text
+          again. Its loss should fall with context while the standard model's stays high.
+cipher    freeze the WikiText-2 lexinvariant model, train a 2-layer MLP probe with a learned output
+          embedding to name the true character at each position, then decode letter-substitution ciphers:
+          precision of the key recovered by majority vote in each window, against the window's position.
+tasks     LookUp ("A->2 C->4 G->5 C->" gives 4) and Permutation ("abcd->cadb efgh->gehf ijkl->" gives
+          "kilj") with random symbols and no task training: accuracy of the greedy tokens, both models.
+The probes read the trained runs: leaving `train` out of --stages runs them on the runs already in the
+results. Everything lands in results/lexinvariant-<shape>.{json,md} and the plots beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import string
 
 import numpy as np
@@ -30,9 +33,11 @@ from experiments import run as runner
 CONFIG = 'experiments/configs/lexinvariant.py'
 MODELS = ('learned', 'random')
 LABELS = {'learned': 'standard', 'random': 'lexinvariant'}
+COLORS = {'learned': 'C0', 'random': 'C1'}
+POSITIONS = (0, 3, 15, 63, 127, 255, 511)   # the positions (0-based) the tables show
 SYMBOLS = string.ascii_letters + string.digits   # the random symbols of the synthetic tasks
 CIPHER_ROW = 'wikitext2-char-random'
-STAGES = ('train', 'curves', 'cipher', 'tasks')
+STAGES = ('train', 'curves', 'ciphered', 'cipher', 'tasks')
 
 
 def run_names(shape: str, bpe: bool) -> list[tuple[str, str]]:
@@ -49,6 +54,41 @@ def per_position_nll(row: dict, batches: int) -> list[float]:
   """Mean NLL at each position of the window, averaged over 4 table draws."""
   return runner.evaluate(row['workdir'], max_batches=batches, options=['--per_position', '--draws', '4'])[
       'nll_by_position']
+
+
+def lowercase_ids(tokenizer) -> np.ndarray:
+  letters = np.asarray(tokenizer.encode_prompt(string.ascii_lowercase))
+  if len(letters) != 26:
+    raise SystemExit('the character vocabulary lacks some lowercase letter')
+  return letters
+
+
+def letter_cipher(rng, vocab: int, letters: np.ndarray) -> np.ndarray:
+  """A random substitution cipher of `letters` as a map of every id (the other ids map to themselves)."""
+  key_map = np.arange(vocab)
+  key_map[letters] = rng.permutation(letters)
+  return key_map
+
+
+def encipher(batch: dict, index: int, *, letters: np.ndarray, vocab: int) -> dict:
+  """An 'lm' batch with a fresh cipher of `letters` per sequence (targets ciphered with their inputs), a fixed
+  function of the batch index, so every model meets the same text."""
+  rng = np.random.default_rng(index)
+  keys = np.stack([letter_cipher(rng, vocab, letters) for _ in batch['tokens']])
+  cipher = lambda ids: np.take_along_axis(keys, ids, axis=1)
+  return {**batch, 'tokens': cipher(batch['tokens']), 'targets': cipher(batch['targets'])}
+
+
+def ciphered_nll(row: dict, batches: int, draws: int) -> list[float]:
+  """Mean NLL at each window position on validation text under a fresh cipher of the lowercase letters per
+  sequence, averaged over `draws` table draws."""
+  setup, state = runner.load_run(row['workdir'])
+  transform = functools.partial(encipher, letters=lowercase_ids(setup.dataset.tokenizer),
+                                vocab=setup.model.vocab_size)
+  eval_step = setup.make_eval_step()
+  return np.mean([setup.evaluate(eval_step, state['params'], state['model_state'], 'valid', batches, draw=draw,
+                                 per_position=True, transform=transform)['nll_by_position']
+                  for draw in range(draws)], axis=0).tolist()
 
 
 def hidden_states(setup, params, tokens, key):
@@ -90,9 +130,7 @@ def cipher_precision(row: dict, probe_steps: int, window: int, batches: int) -> 
     probe_params, opt_state, loss = train_step(probe_params, opt_state, tokens, jax.random.key(10_000 + step))
   decode = jax.jit(lambda tokens, key: jnp.argmax(probe.apply(probe_params, hidden_states(setup, params, tokens, key)),
                                                   -1))
-  letters = setup.dataset.tokenizer.encode_prompt(string.ascii_lowercase)
-  if len(letters) != 26:
-    raise SystemExit('the character vocabulary lacks some lowercase letter')
+  letters = lowercase_ids(setup.dataset.tokenizer)
   rng = np.random.default_rng(0)
   correct = np.zeros(setup.config.train.seq_len // window)
   total = np.zeros_like(correct)
@@ -101,9 +139,7 @@ def cipher_precision(row: dict, probe_steps: int, window: int, batches: int) -> 
     plain = batch['tokens']
     cipher = plain.copy()
     for row in range(len(plain)):   # a fresh key per sequence: letter -> letter
-      key_map = np.arange(vocab)
-      key_map[letters] = rng.permutation(letters)
-      cipher[row] = key_map[plain[row]]
+      cipher[row] = letter_cipher(rng, vocab, letters)[plain[row]]
       decoded = np.asarray(decode(jnp.asarray(cipher[row:row + 1]), jax.random.key(i * 1000 + row)))[0]
       plain_accuracy.append(np.mean(decoded == plain[row]))
       for w in range(len(correct)):
@@ -168,15 +204,17 @@ def corpus_groups(names) -> list[str]:
 
 def plot_per_position(rows: list[dict]):
   import matplotlib.pyplot as plt
-  curves = runner.probed(rows, 'curves')
-  groups = corpus_groups(curves)
+  curves, ciphered = runner.probed(rows, 'curves'), runner.probed(rows, 'ciphered')
+  groups = corpus_groups({**curves, **ciphered})
   if not groups:
     return None
   fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
   for ax, group in zip(axes[0], groups):
-    for model in (m for m in MODELS if f'{group}-{m}' in curves):
-      nll = smooth(np.asarray(curves[f'{group}-{model}']), 16)
-      ax.plot(np.arange(len(nll)) + 8, np.exp(nll), label=LABELS[model])
+    for (text, probe), model in itertools.product((('plain', curves), ('ciphered', ciphered)), MODELS):
+      if f'{group}-{model}' in probe:
+        nll = smooth(np.asarray(probe[f'{group}-{model}']), 16)
+        ax.plot(np.arange(len(nll)) + 8, np.exp(nll), '-' if text == 'plain' else '--', color=COLORS[model],
+                label=f'{LABELS[model]}, {text} text')
     ax.set(title=group, xlabel='position in context', ylabel='perplexity (16-token moving average)', yscale='log')
     ax.legend()
   return fig
@@ -199,7 +237,7 @@ def sections(rows: list[dict]) -> list[str]:
   lines = []
   curves = runner.probed(rows, 'curves')
   if curves:
-    positions = [p for p in (0, 3, 15, 63, 127, 255, 511) if p < len(next(iter(curves.values())))]
+    positions = [p for p in POSITIONS if p < len(next(iter(curves.values())))]
     lines += ['## 1. Perplexity against position (mean over 4 table draws; the plot smooths over 16 positions)', '']
     lines += runner.table(['run', *(f'pos {p + 1}' for p in positions)],
                           [[n, *(f'{np.exp(nll[p]):.2f}' for p in positions)] for n, nll in curves.items()])
@@ -211,10 +249,31 @@ def sections(rows: list[dict]) -> list[str]:
       lines.append(f'\n{group}: lexinvariant/standard perplexity ratio {first[1] / first[0]:.2f} over the first 8 '
                    f'positions, {last[1] / last[0]:.2f} over the last 32.')
     lines.append('')
+  ciphered = runner.probed(rows, 'ciphered')
+  if ciphered:
+    positions = [p for p in POSITIONS if p < len(next(iter(ciphered.values())))]
+    lines += ['## 2. On ciphered text (validation windows, the lowercase letters under a fresh substitution cipher '
+              'per sequence; mean over 4 table draws)', '']
+    lines += runner.table(['run', 'text', *(f'pos {p + 1}' for p in positions)],
+                          [[n, text, *(f'{np.exp(probe[n][p]):.2f}' for p in positions)]
+                           for n in ciphered for text, probe in (('plain', curves), ('ciphered', ciphered)) if n in probe])
+    for group in corpus_groups(ciphered):
+      if not all(f'{group}-{m}' in ciphered and f'{group}-{m}' in curves for m in MODELS):
+        continue
+      last = {(m, text): np.exp(np.mean(probe[f'{group}-{m}'][-32:]))
+              for m in MODELS for text, probe in (('plain', curves), ('ciphered', ciphered))}
+      first = {m: np.exp(np.mean(ciphered[f'{group}-{m}'][:8])) for m in MODELS}
+      lines.append(f'\n{group}, ciphered text: the lexinvariant model goes from perplexity {first["random"]:.2f} '
+                   f'(first 8 positions) to {last["random", "ciphered"]:.2f} (last 32), the standard one from '
+                   f'{first["learned"]:.2f} to {last["learned", "ciphered"]:.2f}. Over the last 32 positions the '
+                   f'standard model reads ciphered text at {last["learned", "ciphered"] / last["learned", "plain"]:.2f}x'
+                   f' its plain-text perplexity, the lexinvariant one at '
+                   f'{last["random", "ciphered"] / last["random", "plain"]:.2f}x.')
+    lines.append('')
   cipher = runner.probed(rows, 'cipher').get(CIPHER_ROW)
   if cipher:
     precision = cipher['precision_by_window']
-    lines += ['## 2. Substitution-cipher probe (WikiText-2 chars, lexinvariant model frozen)', '',
+    lines += ['## 3. Substitution-cipher probe (WikiText-2 chars, lexinvariant model frozen)', '',
               f'Probe: 2-layer MLP (d -> 4d -> d) with a learned output embedding, {cipher["probe_steps"]} Adam steps '
               f'on plain training text (final loss {cipher["probe_final_loss"]:.3f}). Test: {cipher["sequences"]} '
               'validation windows, lowercase letters permuted by a fresh key per sequence; per-character accuracy of '
@@ -225,7 +284,7 @@ def sections(rows: list[dict]) -> list[str]:
               '']
   tasks = runner.probed(rows, 'tasks')
   if tasks:
-    lines += [f'## 3. In-context tasks with random symbols ({next(iter(tasks.values()))["prompts"]} prompts each, '
+    lines += [f'## 4. In-context tasks with random symbols ({next(iter(tasks.values()))["prompts"]} prompts each, '
               'greedy, accuracy per generated character)', '']
     lines += runner.table(['run', 'LookUp', 'Permutation'],
                           [[name, *(f'{t[task]:.3f}' for task in ('lookup', 'permutation'))]
@@ -237,11 +296,12 @@ def declare(args) -> runner.Experiment:
   rows = []
   for row, arg in run_names(args.shape, args.bpe):
     probes = {'curves': functools.partial(per_position_nll, batches=args.curve_batches)}
+    if '-char-' in row:
+      probes['ciphered'] = functools.partial(ciphered_nll, batches=args.curve_batches, draws=4)
+      probes['tasks'] = functools.partial(task_accuracy, examples=args.task_examples)
     if row == CIPHER_ROW:
       probes['cipher'] = functools.partial(cipher_precision, probe_steps=args.probe_steps, window=args.cipher_window,
                                            batches=args.cipher_batches)
-    if '-char-' in row:
-      probes['tasks'] = functools.partial(task_accuracy, examples=args.task_examples)
     rows.append(runner.Row(row, f'{CONFIG}:{arg}', probes=probes))
   description = ('`learned` is the standard model, `random` the lexinvariant one; both share the decoder (pre-LN, T5 '
                  'relative position bias, no absolute positions). Perplexity is per character (per BPE token for bpe '
@@ -262,13 +322,16 @@ def main():
   parser.add_argument('--cipher_window', type=int, default=32)
   parser.add_argument('--cipher_batches', type=int, default=4)
   parser.add_argument('--task_examples', type=int, default=300)
+  parser.add_argument('--rows', default=None, help='comma-separated rows to train and probe (default: all); the '
+                      'others keep their earlier results')
   runner.add_arguments(parser)
   args = parser.parse_args()
+  rows = [r for r in args.rows.split(',') if r] if args.rows is not None else None
   stages = [s for s in args.stages.split(',') if s]
   if set(stages) - set(STAGES):
     parser.error(f'unknown stage {sorted(set(stages) - set(STAGES))[0]!r} (stages: {", ".join(STAGES)})')
-  runner.run_experiment(declare(args), runs=args.runs, results=args.results, train='train' in stages,
-                        probes=set(stages) - {'train'}, overrides=args.override)
+  runner.run_experiment(declare(args), runs=args.runs, results=args.results, rows=rows,
+                        train='train' in stages, probes=set(stages) - {'train'}, overrides=args.override)
 
 
 if __name__ == '__main__':

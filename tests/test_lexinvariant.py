@@ -1,3 +1,4 @@
+import functools
 import json
 import math
 
@@ -183,3 +184,32 @@ def test_evaluation_draws_fresh_tables_for_every_batch_reproducibly(make_config,
                                          rngs=setup.model.stream_keys(jax.random.wrap_key_data(key)))[0]
   assert not np.allclose(logits(keys[0]), logits(keys[1]), atol=1e-3)
   assert evaluate(1)['loss'] != first['loss']   # another draw, other tables
+
+
+def test_the_ciphered_probe_enciphers_each_sequence_with_its_own_key(make_config, tmp_path):
+  """experiments.lexinvariant's `ciphered` probe: the lowercase letters of each sequence go through a bijection
+  of its own (inputs and targets alike, every other id unchanged), reproducibly, and Setup.evaluate scores the
+  enciphered batches."""
+  from experiments import lexinvariant as experiment
+  setup = setup_lib.Setup(make_config('lexinvariant', **{'model.embedding': 'learned'}), str(tmp_path))
+  letters = experiment.lowercase_ids(setup.dataset.tokenizer)
+  transform = functools.partial(experiment.encipher, letters=letters, vocab=setup.model.vocab_size)
+  batch = next(iter(setup.dataset.eval_batches('valid', 1, setup.rows)))
+  ciphered = transform(batch, 0)
+  np.testing.assert_array_equal(ciphered['tokens'][:, 1:], ciphered['targets'][:, :-1])
+  is_letter = np.isin(batch['tokens'], letters)
+  assert is_letter.mean() > 0.3
+  np.testing.assert_array_equal(ciphered['tokens'][~is_letter], batch['tokens'][~is_letter])
+  keys = []
+  for plain, secret, letter in zip(batch['tokens'], ciphered['tokens'], is_letter):
+    pairs = set(zip(plain[letter].tolist(), secret[letter].tolist()))
+    assert len(pairs) == len({p for p, _ in pairs}) == len({s for _, s in pairs})   # one-to-one
+    assert {s for _, s in pairs} <= set(letters.tolist())
+    keys.append(pairs)
+  assert len({frozenset(k) for k in keys}) == len(keys)   # a key per sequence
+  np.testing.assert_array_equal(transform(batch, 0)['tokens'], ciphered['tokens'])
+  assert not np.array_equal(transform(batch, 1)['tokens'], ciphered['tokens'])
+  state, eval_step = setup.init_state(), setup.make_eval_step()
+  evaluate = lambda transform: setup.evaluate(eval_step, state['params'], state['model_state'], 'valid', 1,
+                                              transform=transform)['loss']
+  assert evaluate(lambda batch, index: batch) == evaluate(None) != evaluate(transform)

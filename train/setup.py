@@ -9,6 +9,7 @@ train step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -166,17 +167,20 @@ class Setup:
     return jax.jit(eval_step, out_shardings=sharding.replicated(self.mesh))
 
   def evaluate(self, eval_step, params, model_state, split: str, max_batches: int = 0, draw: int = 0,
-               per_position: bool = False) -> dict:
+               per_position: bool = False, transform: Callable[[dict, int], dict] | None = None) -> dict:
     """Loss, perplexity, bits per byte (total NLL over the UTF-8 bytes scored: the split's, pro rata,
     unless the batches count their own), accuracy (of tokens, or of words for word-structured
     batches) and the model's own metrics (averaged over batches by their weight) on one split.
 
     `draw` picks the keys of the model's RNG streams, one per batch: a fixed function of (seed, draw, batch
     index), so evaluation is reproducible and a model that draws at evaluation (lexinvariant's tables) draws
-    afresh for every batch; `per_position` adds the mean NLL at each position of the window."""
+    afresh for every batch; `per_position` adds the mean NLL at each position of the window. `transform`
+    rewrites each host batch, given its index, before it is scored (probes: e.g. a cipher of the text)."""
     key = jax.random.fold_in(jax.random.key(self.config.seed), draw)
     totals = None
     for index, batch in enumerate(self.dataset.eval_batches(split, max_batches, self.rows)):
+      if transform:
+        batch = transform(batch, index)
       out = eval_step(params, model_state, self.global_batch(batch), jax.random.fold_in(key, index))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)   # stays on device until the end
     *totals, metrics = totals
