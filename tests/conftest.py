@@ -1,8 +1,4 @@
 import os
-
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ['WANDB_MODE'] = 'disabled'
-
 import pathlib
 import subprocess
 import sys
@@ -10,6 +6,14 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ['WANDB_MODE'] = 'disabled'
+# One persistent XLA compilation cache for both xdist workers and every subprocess the tests start: the suite
+# compiles the same tiny models' steps in many tests, and compiling dominates their time. A size bound turns
+# on the cache's file lock, so concurrent writers are safe; entries are keyed by program, options and versions.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(ROOT / '.pytest_cache' / 'jax-compilation'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 * 2 ** 30))
 SHARED_DATA = ROOT.parent / 'shared' / 'data'
 
 

@@ -151,5 +151,5 @@ def test_pair_head_learns_a_synthetic_pair_task():
 def test_gradients_are_finite_where_positions_have_no_partner():
   """Position 0 has no partner (p = 0): the normalisation's gradient there must not be NaN."""
   model, params, tokens = build()
-  grads = jax.grad(lambda p: model.apply({'params': p}, tokens)[0].mean())(params)
+  grads = jax.jit(jax.grad(lambda p: model.apply({'params': p}, tokens)[0].mean()))(params)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

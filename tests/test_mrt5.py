@@ -15,7 +15,7 @@ from conftest import TINY_MODELS, run_module
 import models
 from models.formats import seq2seq
 from models.mrt5 import ByT5, hard_bucket_sizes, pi_controller_update
-from train import trainer
+from train import config as config_lib, restore, trainer
 
 TEXT = (b'The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest '
         b'structure in Paris. Its base is square, measuring 125 metres on each side.')
@@ -39,12 +39,17 @@ def text_batch(model, rows=4, pad_row_to=None):
                             mean_span=model.mean_span)
 
 
+@functools.lru_cache
+def initial_variables(model):
+  batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in model.example_inputs(4, SEQ).items()}
+  keys = {'params': jax.random.key(0), 'dropout': jax.random.key(1), 'deletion': jax.random.key(2)}
+  return jax.jit(lambda: nn.meta.unbox(model.init(keys, **batch)))()
+
+
 def init(model, gate_kernel_scale=0.0, bias_table_scale=1.0):
   """Parameters with the gate kernel drawn at `gate_kernel_scale` (0: zeros) and the relative
   position tables scaled (so that positions visibly matter)."""
-  batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in model.example_inputs(4, SEQ).items()}
-  keys = {'params': jax.random.key(0), 'dropout': jax.random.key(1), 'deletion': jax.random.key(2)}
-  variables = jax.jit(lambda: nn.meta.unbox(model.init(keys, **batch)))()
+  variables = initial_variables(model)
   params = dict(variables['params'])
   if 'gate' in params:
     kernel = gate_kernel_scale * jax.random.normal(jax.random.key(3), params['gate']['kernel'].shape)
@@ -102,7 +107,7 @@ def test_vowel_removal_examples():
 def test_gate_range_and_initial_keep():
   model = build()
   batch = text_batch(model, pad_row_to=10)
-  front = lambda variables: model.apply(variables, batch['encoder_tokens'], method=ByT5.encode_front)
+  front = jax.jit(lambda variables: model.apply(variables, batch['encoder_tokens'], method=ByT5.encode_front))
   _, valid, _, gate = front(init(model))
   # The zero-kernel start: w = 0, b = 1, so G = k·σ(-1) ≈ -8.07 on every token: nothing deleted; pads at k.
   np.testing.assert_allclose(gate[valid], model.gate_scale * jax.nn.sigmoid(-1.0), rtol=1e-6)
@@ -299,23 +304,23 @@ def test_flops_against_xla():
 
 def test_cli_continues_byt5_as_mrt5_evaluates_soft_and_hard_and_samples(make_config, tmp_path):
   from conftest import config_flags
-  byt5_dir = tmp_path / 'byt5'
+  byt5_dir, workdir = tmp_path / 'byt5', str(tmp_path / 'mrt5')
   trainer.Trainer(make_config('byt5', **{'train.steps': 6}), str(byt5_dir)).run()
   config = make_config('mrt5', **{'train.steps': 6, 'train.init_from': str(byt5_dir)})
-  out = run_module('train', *config_flags(config), '--workdir', str(tmp_path / 'mrt5'))
+  out = run_module('train', *config_flags(config), '--workdir', workdir)
   assert out.returncode == 0, out.stderr
   assert 'newly initialised: gate/bias, gate/kernel, gate/norm/scale' in out.stderr
   metrics = [json.loads(line) for line in open(tmp_path / 'mrt5' / 'metrics.jsonl')]
   assert any(r.get('mrt5/alpha', 0) > 0 for r in metrics)
   results = {}
-  for mode in ('hard', 'soft'):
-    out = run_module('train.evaluate', '--workdir', str(tmp_path / 'mrt5'), '--max_batches', '2',
-                     f'--config.model.eval_deletion={mode}')
-    assert out.returncode == 0, out.stderr
-    results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+  for mode in ('hard', 'soft'):   # in-process: train.evaluate's command line is tested on other models
+    saved = config_lib.load_workdir_config(workdir)
+    saved.model.eval_deletion = mode
+    setup, state = restore.load_run(saved, workdir)
+    results[mode] = setup.evaluate(setup.make_eval_step(), state['params'], state['model_state'], 'valid', 2)
   assert 0 < results['hard']['bpb'] < 9 and 0 <= results['hard']['mrt5/deletion_rate'] <= 1
   assert 'mrt5/encoder_length_fraction' in results['hard'] and 'mrt5/encoder_length_fraction' not in results['soft']
-  out = run_module('train.sample', '--workdir', str(tmp_path / 'mrt5'), '--prompt', 'def main(', '--max_new_tokens',
-                   '8', '--temperature', '0')
+  out = run_module('train.sample', '--workdir', workdir, '--prompt', 'def main(', '--max_new_tokens', '8',
+                   '--temperature', '0')
   assert out.returncode == 0, out.stderr
   assert out.stdout.startswith('def main(')

@@ -167,8 +167,8 @@ def test_grow_cli_defaults_preserve_the_function_with_a_fresh_optimizer(make_con
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['start_step'] == 0 and result['step'] == 2 and np.isfinite(result['loss'])
 
-  out = run_module('train.grow', '--from', str(tmp_path / 'small'), '--to', str(tmp_path / 'big'), '--add_tokens', '8')
-  assert out.returncode == 2 and 'already holds checkpoints' in out.stderr.strip()
+  with pytest.raises(config_lib.ConfigError, match='already holds checkpoints; grow into a new directory$'):
+    grow_run(str(tmp_path / 'small'), str(tmp_path / 'big'), 8)
 
   # The other recipes: the paper's main runs (random new tokens, τ = √n of the new n) change the function;
   # `pad` keeps the trained moments and Adam's count, zeros for the new tokens.

@@ -75,7 +75,7 @@ def test_registry_rejects_unknown_names_and_keys():
 @pytest.mark.parametrize('policy', ['dots', 'dots_no_batch'])
 def test_remat_policies_give_the_same_gradients(policy):
   model, params, tokens = build()
-  loss = lambda m: jax.grad(lambda p: m.apply({'params': p}, tokens, train=True)[0].mean())
+  loss = lambda m: jax.jit(jax.grad(lambda p: m.apply({'params': p}, tokens, train=True)[0].mean()))
   for a, b in zip(jax.tree.leaves(loss(model)(params)), jax.tree.leaves(loss(model.clone(remat=policy))(params))):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
