@@ -2,6 +2,7 @@
 
   --config experiments/configs/tokenformer_scaling.py:SHAPE,ROW
     SHAPE  tiny (CPU: d=128, 3 layers, 4 heads, seq 128, batch 32, S=1,000 steps, n_attn 32 -> 128)
+           | tiny-long (tiny at S=3,000 steps: the longer schedule for the grown-against-scratch comparison)
            | paper (accelerator: d=256, 6 layers, seq 256, S=5,000 steps, n_attn 64 -> 256; the spec's §2.8)
     ROW    small (n_attn = d/4, n_ffn = 4 n_attn) | large (n_attn = d, n_ffn = 4d: 4x the non-embedding params)
            | softmax (small with the exp+L1 activation, the paper's Table 4 ablation)
@@ -16,6 +17,7 @@ from train.config import default_config
 
 SHAPES = {
     'tiny': dict(d_model=128, depth=3, heads=4, seq_len=128, batch=32, steps=1000, lr=2e-3),
+    'tiny-long': dict(d_model=128, depth=3, heads=4, seq_len=128, batch=32, steps=3000, lr=2e-3),
     'paper': dict(d_model=256, depth=6, heads=4, seq_len=256, batch=32, steps=5000, lr=1e-3),
 }
 
