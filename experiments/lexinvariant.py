@@ -38,6 +38,7 @@ POSITIONS = (0, 3, 15, 63, 127, 255, 511)   # the positions (0-based) the tables
 SYMBOLS = string.ascii_letters + string.digits   # the random symbols of the synthetic tasks
 CIPHER_ROW = 'wikitext2-char-random'
 STAGES = ('train', 'curves', 'ciphered', 'cipher', 'tasks')
+TABLE_DRAWS = 4   # random tables averaged over by the per-position probes
 
 
 def run_names(shape: str, bpe: bool) -> list[tuple[str, str]]:
@@ -51,8 +52,8 @@ def smooth(values: np.ndarray, width: int) -> np.ndarray:
 
 
 def per_position_nll(row: dict, batches: int) -> list[float]:
-  """Mean NLL at each position of the window, averaged over 4 table draws."""
-  return runner.evaluate(row['workdir'], max_batches=batches, options=['--per_position', '--draws', '4'])[
+  """Mean NLL at each position of the window, averaged over TABLE_DRAWS table draws."""
+  return runner.evaluate(row['workdir'], max_batches=batches, options=['--per_position', '--draws', str(TABLE_DRAWS)])[
       'nll_by_position']
 
 
@@ -238,7 +239,7 @@ def sections(rows: list[dict]) -> list[str]:
   curves = runner.probed(rows, 'curves')
   if curves:
     positions = [p for p in POSITIONS if p < len(next(iter(curves.values())))]
-    lines += ['## 1. Perplexity against position (mean over 4 table draws; the plot smooths over 16 positions)', '']
+    lines += [f'## 1. Perplexity against position (mean over {TABLE_DRAWS} table draws; the plot smooths over 16 positions)', '']
     lines += runner.table(['run', *(f'pos {p + 1}' for p in positions)],
                           [[n, *(f'{np.exp(nll[p]):.2f}' for p in positions)] for n, nll in curves.items()])
     for group in corpus_groups(curves):
@@ -253,7 +254,7 @@ def sections(rows: list[dict]) -> list[str]:
   if ciphered:
     positions = [p for p in POSITIONS if p < len(next(iter(ciphered.values())))]
     lines += ['## 2. On ciphered text (validation windows, the lowercase letters under a fresh substitution cipher '
-              'per sequence; mean over 4 table draws)', '']
+              f'per sequence; mean over {TABLE_DRAWS} table draws)', '']
     lines += runner.table(['run', 'text', *(f'pos {p + 1}' for p in positions)],
                           [[n, text, *(f'{np.exp(probe[n][p]):.2f}' for p in positions)]
                            for n in ciphered for text, probe in (('plain', curves), ('ciphered', ciphered)) if n in probe])
@@ -297,7 +298,7 @@ def declare(args) -> runner.Experiment:
   for row, arg in run_names(args.shape, args.bpe):
     probes = {'curves': functools.partial(per_position_nll, batches=args.curve_batches)}
     if '-char-' in row:
-      probes['ciphered'] = functools.partial(ciphered_nll, batches=args.curve_batches, draws=4)
+      probes['ciphered'] = functools.partial(ciphered_nll, batches=args.curve_batches, draws=TABLE_DRAWS)
       probes['tasks'] = functools.partial(task_accuracy, examples=args.task_examples)
     if row == CIPHER_ROW:
       probes['cipher'] = functools.partial(cipher_precision, probe_steps=args.probe_steps, window=args.cipher_window,
