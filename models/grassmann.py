@@ -14,7 +14,8 @@ Block, pre-LN (`prenorm=True`): h = x + Dropout(mix(LN(x)) - LN(x)); out = h + D
   residual stream carries x and the mixer contributes its blend's change.
 Offsets: `schedule='all'` uses every entry of `offsets` in every layer (6-layer paper model);
   `schedule='per_layer'` gives layer i the single offset offsets[i] (the 12-layer list 1,1,2,2,...,16,16).
-Cost is O(L * (d r + r² + d²)) per layer: no L x L tensor, static shapes.
+Cost is O(L * (d r + r² + d²)) per layer: no L x L tensor, static shapes. Decoding keeps each layer's last
+max(offsets) reduced vectors (`cached_mean_plucker`), so a generated token costs the same at any length.
 """
 
 from __future__ import annotations
@@ -88,7 +89,26 @@ def reference_mean_plucker(z: jax.Array, offsets: tuple[int, ...], eps: float) -
 MIXING_IMPLS = {'shifted': mean_plucker, 'reference': reference_mean_plucker}
 
 
+def cached_mean_plucker(z: jax.Array, history: jax.Array, start: jax.Array, offsets: tuple[int, ...],
+                        eps: float) -> tuple[jax.Array, jax.Array]:
+  """`mean_plucker` of the new reduced vectors z [b, n, r] at positions start.., their partners read from
+  `history` [b, max(offsets), r] (the vectors of the positions just before them) or from z itself."""
+  extended = jnp.concatenate([history, z], axis=1)
+  span, length = history.shape[1], z.shape[1]
+  positions = start + jnp.arange(length)
+  total = jnp.zeros((*z.shape[:2], z.shape[-1] * (z.shape[-1] - 1) // 2), z.dtype)
+  count = jnp.zeros(length, z.dtype)
+  for offset in offsets:
+    partner = extended[:, span - offset:span - offset + length]
+    valid = (positions >= offset).astype(z.dtype)
+    total = total + normalise(plucker(z, partner).astype(jnp.float32), eps).astype(z.dtype) * valid[None, :, None]
+    count = count + valid
+  return total / jnp.maximum(count, 1)[None, :, None], count
+
+
 class GrassmannMixing(nn.Module):
+  """With `decode=True` the layer keeps the last max(offsets) reduced vectors and a position count in the
+  'cache' collection: O(1) work per generated token, whatever the length so far."""
   d_model: int
   rank: int
   offsets: tuple[int, ...]
@@ -97,9 +117,16 @@ class GrassmannMixing(nn.Module):
   impl: str = 'shifted'   # MIXING_IMPLS
 
   @nn.compact
-  def __call__(self, h):
+  def __call__(self, h, *, decode: bool = False):
     z = layers.dense(self.rank, ('embed', 'rank'), dtype=self.dtype, name='reduce')(h)
-    p_mean, count = MIXING_IMPLS[self.impl](z, self.offsets, self.eps)
+    if decode:
+      history = self.variable('cache', 'history', jnp.zeros, (z.shape[0], max(self.offsets), self.rank), z.dtype)
+      start = layers.sequence_positions(self, z.shape[1], decode)[0, 0]
+      p_mean, count = cached_mean_plucker(z, history.value, start, self.offsets, self.eps)
+      if not self.is_initializing():
+        history.value = jnp.concatenate([history.value, z], axis=1)[:, -history.value.shape[1]:]
+    else:
+      p_mean, count = MIXING_IMPLS[self.impl](z, self.offsets, self.eps)
     g = layers.dense(self.d_model, ('plucker', 'embed'), dtype=self.dtype, name='plucker_proj')(p_mean)
     g = g * (count > 0).astype(g.dtype)[None, :, None]
     gate_in = jnp.concatenate([h, g], axis=-1)
@@ -121,8 +148,9 @@ class GrassmannBlock(nn.Module):
   @nn.compact
   def __call__(self, x, context):
     train = context.train
-    mix = GrassmannMixing(d_model=self.d_model, rank=self.rank, offsets=self.offsets, eps=self.eps,
-                          dtype=self.dtype, impl=self.mixing_impl, name='mixing')
+    mixing = GrassmannMixing(d_model=self.d_model, rank=self.rank, offsets=self.offsets, eps=self.eps,
+                             dtype=self.dtype, impl=self.mixing_impl, name='mixing')
+    mix = lambda y: mixing(y, decode=context.decode)
     mlp = layers.Mlp(self.d_ff, dtype=self.dtype, name='mlp')
     norm1 = layers.norm('layernorm', dtype=self.dtype, name='norm1')
     norm2 = layers.norm('layernorm', dtype=self.dtype, name='norm2')
@@ -138,7 +166,6 @@ class GrassmannBlock(nn.Module):
 @register('grassmann')
 class GrassmannLM(LanguageModel):
   """Causal Grassmann LM: token + learned position embeddings, Grassmann blocks, tied readout."""
-  cached_decoding = False
   # paper: the 12-layer model of Table 2 (spec grassmann-tokenformer-mor.md §1.2)
   presets = {'tiny': dict(d_model=32, num_layers=2, d_ff=64, max_len=32, rank=8, offsets=(1, 2, 4), dropout=0.0),
              'paper': dict(d_model=256, num_layers=12, d_ff=1024, max_len=256, rank=32, schedule='per_layer',
@@ -185,16 +212,14 @@ class GrassmannLM(LanguageModel):
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False, decode: bool = False):
-    if decode:
-      raise ValueError('grassmann has no decode cache (cached_decoding=False): generate runs full forwards')
     dtype = jnp.dtype(self.dtype)
     embed = layers.Embed(self.vocab_size, self.d_model, dtype=dtype, name='embed')
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    positions = jnp.broadcast_to(layers.sequence_positions(self, tokens.shape[1], decode), tokens.shape)
     x = embed(tokens) + layers.LearnedPositions(self.max_len, self.d_model, dtype=dtype, name='pos_embed')(positions)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     per_layer = self.schedule == 'per_layer'
     x = stack.apply_blocks(
-        GrassmannBlock, x, stack.Context(train=train), num_layers=self.num_layers, remat_policy=self.remat,
+        GrassmannBlock, x, stack.Context(train=train, decode=decode), num_layers=self.num_layers, remat_policy=self.remat,
         scan=self.scan_layers, layer_kwargs=(lambda i: {'offsets': self.layer_offsets(i)}) if per_layer else None,
         **({} if per_layer else {'offsets': tuple(self.offsets)}), d_model=self.d_model, d_ff=self.d_ff,
         rank=self.rank, prenorm=self.prenorm, eps=self.eps, dropout=self.dropout, dtype=dtype,

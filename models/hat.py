@@ -15,15 +15,16 @@ end of word [W] = 257.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers, stack
+from models import layers, sampling as sampling_lib, stack
 from models.formats import byte_ids, words as words_lib
 from models.registry import LanguageModel, register
-from models.sampling import pick_token
 
 END_OF_DOCUMENT = byte_ids.EOS             # [S]: 256
 END_OF_WORD = byte_ids.VOCAB_SIZE          # [W]: 257, the one symbol beyond the byte tokenizer
@@ -58,7 +59,7 @@ class HAT(LanguageModel):
   `max_words`/`max_word_bytes`/`splitter` shape the batches (see models.formats.words.py)."""
   batch_format = 'words'
   extra_output_symbols = 1   # [W]
-  cached_decoding = False    # `generate` runs the word and byte loops (the backbone keeps a KV cache)
+  cached_decoding = False    # `generate` runs the word and byte loops (each with a KV cache of its own)
   # paper: HAT 1B (spec hat-mrt5-landmark-lexinvariant.md §1.1, §1.6): byte modules 3 x 768, backbone 18 x 2304,
   # SwiGLU at 8/3; 16,384-byte windows hold ~2,750 words at 5.97 bytes a word; words over 16 bytes are split
   presets = {'tiny': dict(byte_width=32, byte_heads=2, byte_ff=64, encoder_layers=1, decoder_layers=1, d_model=32,
@@ -191,19 +192,34 @@ class HAT(LanguageModel):
                                 + byte_module(self.decoder_layers, positions) + readout)
     return float(byte_modules.sum() + len(positions) * (backbone + projections))
 
-  def generate(self, params, prompt: np.ndarray, max_new_tokens: int, **kwargs) -> np.ndarray:
-    """The new byte ids ([S] included when generated) after `prompt`; see `generate_words`."""
-    words, prompt_words, prompt_bytes = self.generate_words(params, prompt, max_new_tokens, **kwargs)
-    return np.asarray(sum(words[prompt_words:], [])[prompt_bytes:], np.int32)
+  def decode_byte_inputs(self, vectors, *, decode: bool = True):
+    """Byte decoder logits [batch, n, vocab] for `vectors` [batch, n, byte_width] fed against its KV cache:
+    a word starts from a fresh cache with [p_{i-1}] (and any forced bytes), then one byte per call."""
+    h = self.decoder(vectors, None, jnp.zeros(vectors.shape[:2], jnp.int32), train=False, decode=decode)
+    return self.readout(h).astype(jnp.float32)
 
-  def generate_words(self, params, prompt: np.ndarray, max_new_tokens: int, *, key, temperature: float = 1.0,
-                     top_k: int = 0, vocab_limit: int | None = None, model_state: dict | None = None):
+  def generate(self, params, prompts, max_new_tokens: int, *, key,
+               sampling: sampling_lib.Sampling = sampling_lib.Sampling(), stop: sampling_lib.StopFn | None = None,
+               model_state: dict | None = None) -> list[np.ndarray]:
+    """The new byte ids ([S] included when generated) after each prompt, one prompt after another (word
+    boundaries differ between rows); see `generate_words`."""
+    out = []
+    for row, prompt in enumerate(prompts):
+      words, prompt_words, prompt_bytes = self.generate_words(
+          params, prompt, max_new_tokens, key=jax.random.fold_in(key, row), sampling=sampling, stop=stop,
+          model_state=model_state)
+      out.append(np.asarray(sum(words[prompt_words:], [])[prompt_bytes:], np.int32))
+    return out
+
+  def generate_words(self, params, prompt: np.ndarray, max_new_tokens: int, *, key,
+                     sampling: sampling_lib.Sampling = sampling_lib.Sampling(), stop: sampling_lib.StopFn | None = None,
+                     model_state: dict | None = None):
     """The two nested loops: decode bytes until [W] (or the byte cap), encode the finished word and
     advance the backbone by one word with its KV cache. The prompt's last word is never taken as
     finished (more bytes may belong to it): it is the forced start of the first decoded word. Stops at
-    [S] or after `max_new_tokens` bytes. The byte decoder reruns over the word so far (at most
-    max_word_bytes + 1 positions) rather than keeping a cache of its own. Returns (every word, prompt's and generated, as id lists; the
-    number of finished prompt words; the bytes of the forced start)."""
+    [S], when `stop` says so, or after `max_new_tokens` bytes. The byte decoder keeps a KV cache within the
+    word, started afresh at each word. Returns (every word, prompt's and generated, as id lists; the number
+    of finished prompt words; the bytes of the forced start)."""
     finished = [list(w) for w in words_lib.split_ids(np.asarray(prompt), END_OF_DOCUMENT, self.splitter,
                                                      self.max_word_bytes)]
     ends_document = bool(finished) and finished[-1] == [END_OF_DOCUMENT]   # then generation starts a new document
@@ -211,47 +227,67 @@ class HAT(LanguageModel):
     prompt_words, prompt_bytes = len(finished), len(current)
     capacity = prompt_words + max_new_tokens + 2
     pad = lambda ws: np.stack([np.pad(np.asarray(w, np.int32), (0, self.max_word_bytes - len(w))) for w in ws])[None]
-    abstract = jax.eval_shape(lambda: self.init(jax.random.key(0), jnp.zeros((1, capacity, self.max_word_bytes),
-                                                jnp.int32), jnp.zeros((1, capacity), jnp.int32), decode=True))
-    cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract['cache'])
+    cache = sampling_lib.init_cache(self, 1, capacity, method=HAT.__call__, decode=True,
+                                    word_bytes=jnp.zeros((1, capacity, self.max_word_bytes), jnp.int32),
+                                    word_lengths=jnp.zeros((1, capacity), jnp.int32))
+    empty_byte_cache = sampling_lib.init_cache(self, 1, self.max_word_bytes + 1, method=HAT.decode_byte_inputs,
+                                               vectors=jnp.zeros((1, self.max_word_bytes + 1, self.byte_width)), decode=True)
     state = model_state or {}
-
-    @jax.jit
-    def advance(params, cache, word_bytes, word_lengths):   # encode words, run them through the backbone
-      embeddings = self.apply({'params': params, **state}, word_bytes, word_lengths, method=HAT.encode)
-      predictive, updated = self.apply({'params': params, 'cache': cache, **state}, embeddings, decode=True,
-                                       method=HAT.backbone_step, mutable=['cache'])
-      return predictive[:, -1], updated['cache']
-
-    @jax.jit
-    def next_logits(params, previous, word_bytes, position):   # a word never ends before its first byte
-      logits = self.apply({'params': params, **state}, previous[:, None], word_bytes,
-                          method=HAT.decode_words)[0, 0, position]
-      return jnp.where((jnp.arange(self.vocab_size) == END_OF_WORD) & (position == 0), -jnp.inf, logits)[None]
+    advance, feed = _decoding_fns(self)
 
     def finish(ws):
       nonlocal previous, cache
-      previous, cache = advance(params, cache, pad(ws), np.asarray([[len(w) for w in ws]], np.int32))
+      previous, cache = advance(params, state, cache, pad(ws), np.asarray([[len(w) for w in ws]], np.int32))
       words.extend(ws)
 
-    words, previous = [], params['start'][None]
+    def begin_word(forced):
+      return feed(params, state, empty_byte_cache, previous, jnp.asarray(forced, jnp.int32), len(forced))
+
+    words, previous, generated = [], params['start'][None], []
     if finished:
       finish(finished)
-    n_new = 0
-    while n_new < max_new_tokens:
+    logits, byte_cache = begin_word(current) if len(current) < self.max_word_bytes else (None, None)
+    while len(generated) < max_new_tokens:
       if len(current) == self.max_word_bytes:   # the cap ends a word, as the splitter cuts it
         finish([current])
         current = []
-      logits = next_logits(params, previous, pad([current]), len(current))
-      symbol = int(pick_token(logits, jax.random.fold_in(key, n_new), temperature, top_k, vocab_limit)[0])
+        logits, byte_cache = begin_word(current)
+      symbol = int(sampling.pick(logits, jax.random.fold_in(key, len(generated))[None])[0])
       if symbol == END_OF_WORD:
         finish([current])
         current = []
+        logits, byte_cache = begin_word(current)
         continue
       current.append(symbol)
-      n_new += 1
-      if symbol == END_OF_DOCUMENT:
+      generated.append(symbol)
+      if symbol == END_OF_DOCUMENT or (stop and stop(generated)):
         break
+      if len(current) < self.max_word_bytes:
+        logits, byte_cache = feed(params, state, byte_cache, None, jnp.asarray([symbol], jnp.int32), len(current))
     if current:
       words.append(current)
     return words, prompt_words, prompt_bytes
+
+
+@functools.cache   # one compilation per model (and shapes) across generations
+def _decoding_fns(model: HAT):
+  """(advance: encode finished words and run them through the backbone's KV cache -> the last predictive
+  word embedding; feed: byte decoder inputs [p_{i-1}] (None inside a word) and bytes -> next-byte logits)."""
+  @jax.jit
+  def advance(params, state, cache, word_bytes, word_lengths):
+    embeddings = model.apply({'params': params, **state}, word_bytes, word_lengths, method=HAT.encode)
+    predictive, updated = model.apply({'params': params, 'cache': cache, **state}, embeddings, decode=True,
+                                      method=HAT.backbone_step, mutable=['cache'])
+    return predictive[:, -1], updated['cache']
+
+  @jax.jit
+  def feed(params, state, byte_cache, previous, ids, position):
+    vectors = model.apply({'params': params}, ids[None], method=lambda m, ids: m.byte_embed(ids))
+    if previous is not None:
+      vectors = jnp.concatenate([previous[:, None], vectors], axis=1)
+    logits, updated = model.apply({'params': params, 'cache': byte_cache, **state}, vectors,
+                                  method=HAT.decode_byte_inputs, mutable=['cache'])
+    # a word never ends before its first byte
+    logits = jnp.where((jnp.arange(model.vocab_size) == END_OF_WORD) & (position == 0), -jnp.inf, logits[:, -1])
+    return logits, updated['cache']
+  return advance, feed

@@ -373,29 +373,38 @@ class Attention(nn.Module):
                  kernel_init=self.out_init, name='out')(out)
 
   def _update_cache(self, k, v, length, kv_valid, slot):
-    """Write the new keys/values (and validity) at cache_index; return the full cache, positions, causal
+    """Write the new keys/values (and validity) at the cache index; return the full cache, positions, causal
     mask and key validity."""
-    is_init = not self.has_variable('cache', f'cached_key{slot}')
-    cached_k = self.variable('cache', f'cached_key{slot}', jnp.zeros, k.shape, k.dtype)
-    cached_v = self.variable('cache', f'cached_value{slot}', jnp.zeros, v.shape, v.dtype)
-    index = self.variable('cache', f'cache_index{slot}', lambda: jnp.zeros((), jnp.int32))
-    batch, max_len = cached_k.value.shape[:2]
-    q_positions = jnp.broadcast_to(index.value + jnp.arange(length), (batch, length))
-    k_positions = jnp.broadcast_to(jnp.arange(max_len), (batch, max_len))
-    cached_valid = None if kv_valid is None else self.variable('cache', f'cached_valid{slot}', jnp.zeros,
-                                                                 kv_valid.shape, jnp.bool_)
-    if is_init:   # initialising the cache: shapes only
-      return k, v, q_positions, k_positions[:, :length], causal_mask(q_positions, k_positions[:, :length]), kv_valid
-    if self.use_rope:   # store keys already rotated at their absolute positions
+    index = cache_index(self, slot)
+    start = index.value
+    q_positions = jnp.broadcast_to(start + jnp.arange(length), k.shape[:1] + (length,))
+    if self.use_rope and not self.is_initializing():   # store keys already rotated at their absolute positions
       k = rope(k, q_positions, base=self.rope_base, fraction=self.rope_fraction)
-    write = lambda cache, new: jax.lax.dynamic_update_slice(
-        cache, new.astype(cache.dtype), (0, index.value) + (0,) * (cache.ndim - 2))
-    cached_k.value, cached_v.value = write(cached_k.value, k), write(cached_v.value, v)
-    if cached_valid is not None:
-      cached_valid.value = kv_valid = write(cached_valid.value, kv_valid)
-    index.value = index.value + length
-    return (cached_k.value, cached_v.value, q_positions, k_positions, causal_mask(q_positions, k_positions),
-            kv_valid)
+    full = append_to_cache(self, index, slot, key=k, value=v, **({} if kv_valid is None else {'valid': kv_valid}))
+    k_positions = jnp.broadcast_to(jnp.arange(full['key'].shape[1]), k.shape[:1] + full['key'].shape[1:2])
+    return (full['key'], full['value'], q_positions, k_positions, causal_mask(q_positions, k_positions),
+            full.get('valid'))
+
+
+def cache_index(module: nn.Module, slot: str = '') -> nn.Variable:
+  """The count of positions written to `module`'s decode cache (`slot`: one cache per use of the module)."""
+  return module.variable('cache', f'cache_index{slot}', lambda: jnp.zeros((), jnp.int32))
+
+
+def append_to_cache(module: nn.Module, index: nn.Variable, slot: str = '', **new: jax.Array) -> dict[str, jax.Array]:
+  """Write each `new` array [batch, length, ...] into `module`'s cache `cached_{name}{slot}` at `index` (its
+  `cache_index`) and advance it; return the whole caches. Initialising, the caches take the new arrays'
+  shapes (the decode length) and the new arrays come back unchanged."""
+  caches = {name: module.variable('cache', f'cached_{name}{slot}', jnp.zeros, x.shape, x.dtype)
+            for name, x in new.items()}
+  if module.is_initializing():
+    return new
+  write = lambda cache, x: jax.lax.dynamic_update_slice(cache, x.astype(cache.dtype),
+                                                        (0, index.value) + (0,) * (cache.ndim - 2))
+  for name, x in new.items():
+    caches[name].value = write(caches[name].value, x)
+  index.value = index.value + next(iter(new.values())).shape[1]
+  return {name: cache.value for name, cache in caches.items()}
 
 
 class Mlp(nn.Module):

@@ -34,6 +34,7 @@ of the gated encoder layers and all cross-attentions (App. D, for training from 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -41,10 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers, stack
+from models import layers, sampling as sampling_lib, stack
 from models.formats import seq2seq
 from models.registry import InputError, LanguageModel, register
-from models.sampling import pick_token
 
 DELETIONS = ('none', 'gate', 'random', 'fixed')
 SCORE_THRESHOLD = 5.0
@@ -69,18 +69,31 @@ def softmax_one(logits: jax.Array) -> jax.Array:
 
 
 class T5Attention(nn.Module):
-  """Attention on explicit logits (the score regulariser reads them); returns (out, score penalty)."""
+  """Attention on explicit logits (the score regulariser reads them); returns (out, score penalty).
+
+  Decoding (`decode=True`): self-attention appends its keys and values to a KV cache (the caller's mask
+  and bias then span the whole cache); cross-attention (`cross=True`) projects the encoder output once,
+  when it is given, and reads those keys and values from the cache on the calls after (`kv=None`)."""
   num_heads: int
   head_dim: int
   softmax1: bool
   dtype: layers.Dtype
 
   @nn.compact
-  def __call__(self, x, kv, mask, position_bias=None, key_bias=None):
+  def __call__(self, x, kv, mask, position_bias=None, key_bias=None, *, decode: bool = False, cross: bool = False):
     project = lambda y, name: layers.dense((self.num_heads, self.head_dim), ('embed', 'heads', 'kv'),
                                            use_bias=False, dtype=self.dtype, kernel_init=fan_in_init(y.shape[-1]),
                                            name=name)(y)
-    q, k, v = project(x, 'query'), project(kv, 'key'), project(kv, 'value')
+    q = project(x, 'query')
+    k, v = (None, None) if kv is None else (project(kv, 'key'), project(kv, 'value'))
+    if decode and cross:
+      cached = {name: self.variable('cache', f'cross_{name}', lambda y=y: y) for name, y in (('key', k), ('value', v))}
+      if kv is not None:
+        cached['key'].value, cached['value'].value = k, v
+      k, v = cached['key'].value, cached['value'].value
+    elif decode:
+      full = layers.append_to_cache(self, layers.cache_index(self), key=k, value=v)
+      k, v = full['key'], full['value']
     q = layers.constrain(q, ('batch', 'length', 'act_heads', None))
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
     if position_bias is not None:
@@ -108,21 +121,21 @@ class T5Layer(nn.Module):
   cross: bool = False
 
   @nn.compact
-  def __call__(self, h, train: bool, *, mask, position_bias, key_bias=None, encoded=None, encoded_mask=None,
-               encoded_key_bias=None):
-    """-> (h, self-attention score penalty, cross-attention score penalty). `train` is positional: the
-    rematerialised layer takes it as a static argument."""
+  def __call__(self, h, train: bool, decode: bool = False, *, mask, position_bias, key_bias=None, encoded=None,
+               encoded_mask=None, encoded_key_bias=None):
+    """-> (h, self-attention score penalty, cross-attention score penalty). `train` and `decode` are
+    positional: the rematerialised layer takes them as static arguments."""
     attention = lambda name: T5Attention(num_heads=self.num_heads, head_dim=self.head_dim,
                                          softmax1=self.softmax1, dtype=self.dtype, name=name)
     norm = lambda name: layers.norm('rmsnorm', dtype=self.dtype, epsilon=1e-6, name=name)
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
     y = norm('self_norm')(h)
-    out, self_penalty = attention('self_attention')(y, y, mask, position_bias, key_bias)
+    out, self_penalty = attention('self_attention')(y, y, mask, position_bias, key_bias, decode=decode)
     h = h + drop(out)
     cross_penalty = jnp.zeros(())
     if self.cross:
       out, cross_penalty = attention('cross_attention')(norm('cross_norm')(h), encoded, encoded_mask, None,
-                                                        encoded_key_bias)
+                                                        encoded_key_bias, decode=decode, cross=True)
       h = h + drop(out)
     mlp = layers.Mlp(self.d_ff, kind='geglu', use_bias=False, dropout=self.dropout, dtype=self.dtype,
                      in_init=fan_in_init(self.d_model), out_init=fan_in_init(self.d_ff), name='mlp')
@@ -255,7 +268,7 @@ class ByT5(LanguageModel):
     self.encoder_bias, self.decoder_bias = bias(True), bias(False)
     # Encoder and decoder loop over their layers themselves: the gate splits the encoder in two, and every
     # layer returns score penalties; the remat policy is the shared one.
-    layer_cls = stack.remat(T5Layer, self.remat, static_argnums=(2,))
+    layer_cls = stack.remat(T5Layer, self.remat, static_argnums=(2, 3))
     layer = lambda cross: layer_cls(d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_width,
                                     d_ff=self.d_ff,
                                     softmax1=self.softmax1, dropout=self.dropout, dtype=dtype, cross=cross)
@@ -295,16 +308,20 @@ class ByT5(LanguageModel):
       penalties.append(penalty)
     return self.encoder_norm(h), penalties
 
-  def decode(self, encoded, encoded_valid, gate, decoder_tokens, train: bool = False):
-    """Decoder logits [batch, target, vocab] and the cross-attention score penalties."""
-    positions = jnp.broadcast_to(jnp.arange(decoder_tokens.shape[1]), decoder_tokens.shape)
+  @nn.compact   # the decode position counter is a variable made on first use
+  def decode(self, encoded, encoded_valid, gate, decoder_tokens, train: bool = False, decode_length: int = 0):
+    """Decoder logits [batch, target, vocab] and the cross-attention score penalties. `decode_length` > 0:
+    decode against a KV cache of that many positions, `decoder_tokens` continuing the ones fed before;
+    `encoded` is given on the first call only (its keys and values are cached)."""
+    positions = layers.sequence_positions(self, decoder_tokens.shape[1], decode_length > 0)
+    kv_positions = jnp.arange(decode_length)[None] if decode_length else positions
     y = self.drop(self.embed(decoder_tokens), deterministic=not train)
-    bias, mask = self.decoder_bias(positions, positions), layers.causal_mask(positions, positions)
+    bias, mask = self.decoder_bias(positions, kv_positions), layers.causal_mask(positions, kv_positions)
     encoded_mask = encoded_valid[:, None, None, :]
     penalties = []
     for layer in self.decoder:
-      y, _, penalty = layer(y, train, mask=mask, position_bias=bias, encoded=encoded, encoded_mask=encoded_mask,
-                            encoded_key_bias=gate)
+      y, _, penalty = layer(y, train, decode_length > 0, mask=mask, position_bias=bias, encoded=encoded,
+                            encoded_mask=encoded_mask, encoded_key_bias=gate)
       penalties.append(penalty)
     y = self.drop(self.decoder_norm(y), deterministic=not train)
     return self.readout(y).astype(jnp.float32), penalties
@@ -427,33 +444,59 @@ class ByT5(LanguageModel):
     gate = 2 * d if self.deletion == 'gate' else 0
     return self.encoder_layers * encoder_layer + decoder + 2 * d * self.vocab_size * target / seq_len + gate
 
-  def generate(self, params, prompt, max_new_tokens, *, key, temperature=1.0, top_k=0, vocab_limit=None,
+  def generate(self, params, prompts, max_new_tokens, *, key, sampling=sampling_lib.Sampling(), stop=None,
                model_state=None):
-    """Greedy or sampled decoding of the target for the encoder input `prompt` (+ eos); stops after eos.
-    The prompt is encoded once; with hard deletion the kept tokens are gathered exactly (a static
-    shape per kept length). The decoder reruns over a fixed buffer each step (no decoder KV cache)."""
+    """Decoding of the target for each encoder input (+ eos), in one batch; a row stops after eos. The
+    prompts are encoded once; with hard deletion each row's kept tokens are gathered in order, to the
+    longest row's kept count (the rest masked). The decoder keeps a KV cache, and its cross-attention
+    keys and values are computed once from the encoder output."""
     variables = {'params': params, **(model_state or {})}
-    rngs = self.stream_keys(jax.random.fold_in(key, max_new_tokens))
-    tokens = jnp.asarray(np.append(prompt, seq2seq.EOS), jnp.int32)[None]
-    h, valid, positions, gate = self.apply(variables, tokens, method=ByT5.encode_front, rngs=rngs)
+    rngs = self.stream_keys(sampling_lib.stream_key(key))
+    inputs = [np.append(p, seq2seq.EOS) for p in prompts]
+    tokens = np.full((len(inputs), max(map(len, inputs))), seq2seq.PAD, np.int32)
+    for row, ids in enumerate(inputs):
+      tokens[row, :len(ids)] = ids
+    encode_front, encode_back, step = _decoding_fns(self)
+    h, valid, positions, gate = encode_front(variables, jnp.asarray(tokens), rngs)
     if gate is not None and self.eval_deletion == 'hard':
-      kept = np.flatnonzero(np.asarray(valid & ~self.deleted(gate, valid))[0])
-      if kept.size == 0:
-        raise InputError('hard deletion removed every token of the prompt '
-                          '(sample with --config.model.eval_deletion=soft)')
-      h, valid, positions, gate = (x[:, kept] for x in (h, valid, positions, gate))
-      gate = self.hard_key_bias(gate)
-    encoded, _ = jax.jit(lambda *a: self.apply(variables, *a, method=ByT5.encode_back))(h, valid, positions, gate)
-    step = jax.jit(lambda buffer: self.apply(variables, encoded, valid, gate, buffer, method=ByT5.decode)[0][0])
-    buffer, out = np.full((1, max_new_tokens), seq2seq.PAD, np.int32), []
-    for i in range(max_new_tokens):
-      logits = step(jnp.asarray(buffer))[i][None]
-      token = int(pick_token(logits, jax.random.fold_in(key, i), temperature, top_k, vocab_limit)[0])
-      out.append(token)
-      if token == seq2seq.EOS or i + 1 == max_new_tokens:
-        break
-      buffer[0, i + 1] = token
-    return np.asarray(out, np.int32)
+      keep = valid & ~self.deleted(gate, valid)
+      if not keep.any(axis=1).all():
+        raise InputError('hard deletion removed every token of a prompt '
+                         '(sample with --config.model.eval_deletion=soft)')
+      order = jnp.argsort(~keep, axis=1, stable=True)[:, :int(keep.sum(1).max())]
+      h, positions, gate = (take_kept(x, order) for x in (h, positions, gate))
+      valid, gate = take_kept(keep, order), self.hard_key_bias(gate)
+    encoded = encode_back(variables, h, valid, positions, gate)
+    start = jnp.full((len(inputs), 1), seq2seq.PAD, jnp.int32)   # the decoder's start token
+    cache = sampling_lib.init_cache(self, len(inputs), max_new_tokens, method=ByT5.decode, encoded=encoded,
+                                    encoded_valid=valid, gate=gate, decode_length=max_new_tokens,
+                                    decoder_tokens=jnp.zeros((len(inputs), max_new_tokens), jnp.int32))
+
+    def advance(tokens, position):
+      nonlocal cache
+      logits, cache = step(variables, cache, None, valid, gate, tokens[:, None], max_new_tokens)
+      return logits
+
+    logits, cache = step(variables, cache, encoded, valid, gate, start, max_new_tokens)
+    eos_or_stop = lambda ids: ids[-1] == seq2seq.EOS or bool(stop and stop(ids))
+    return sampling_lib.lockstep([np.asarray([seq2seq.PAD])] * len(inputs), max_new_tokens,
+                                 start=lambda prefix: logits, advance=advance, stop=eos_or_stop,
+                                 pick=lambda logits, rows, steps: sampling_lib.draw(sampling, logits, key, rows, steps))
+
+
+@functools.cache   # one compilation per model (and shapes) across generations
+def _decoding_fns(model: ByT5):
+  """(encode_front, encode_back, decoder step against its KV cache; `encoded` given on the first step only)."""
+  encode_front = jax.jit(lambda variables, tokens, rngs: model.apply(variables, tokens, method=ByT5.encode_front,
+                                                                     rngs=rngs))
+  encode_back = jax.jit(lambda variables, *a: model.apply(variables, *a, method=ByT5.encode_back)[0])
+
+  @functools.partial(jax.jit, static_argnames='decode_length')
+  def step(variables, cache, encoded, valid, gate, tokens, decode_length: int):
+    (logits, _), updated = model.apply({**variables, 'cache': cache}, encoded, valid, gate, tokens,
+                                       decode_length=decode_length, method=ByT5.decode, mutable=['cache'])
+    return logits[:, -1], updated['cache']
+  return encode_front, encode_back, step
 
 
 @register('mrt5')

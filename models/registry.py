@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from models import formats, sampling
+from models import formats, sampling as sampling_lib
 
 _REGISTRY: dict[str, type['LanguageModel']] = {}
 
@@ -84,7 +84,7 @@ class LanguageModel(nn.Module):
   rng_streams: ClassVar[tuple[str, ...]] = ('dropout',)
   # Non-parameter variable collections the train step updates and checkpoints (controllers, statistics).
   state_collections: ClassVar[tuple[str, ...]] = ()
-  # `__call__(tokens, decode=True)` keeps a KV cache in the 'cache' collection, so `generate` feeds one
+  # `__call__(tokens, decode=True)` keeps a decode cache in the 'cache' collection, so `generate` feeds one
   # token per call; without it `generate` runs a full causal forward per token.
   cached_decoding: ClassVar[bool] = True
   # Named shapes (model keys): 'tiny' is the one every shared test runs (tests/test_models.py).
@@ -132,14 +132,14 @@ class LanguageModel(nn.Module):
     """One key per RNG stream, derived from `key`."""
     return {name: jax.random.fold_in(key, i) for i, name in enumerate(self.rng_streams)}
 
-  def generate(self, params, prompt: np.ndarray, max_new_tokens: int, *, key, temperature: float = 1.0,
-               top_k: int = 0, vocab_limit: int | None = None, model_state: dict | None = None) -> np.ndarray:
-    """The `max_new_tokens` ids that continue `prompt` ([length] ids); temperature 0 is greedy, `top_k` 0
-    samples from every id, ids >= `vocab_limit` are never drawn. A model whose generation is not one token
-    per step (HAT's words and bytes, an encoder-decoder) overrides this."""
-    loop = sampling.generate_cached if self.cached_decoding else sampling.generate_uncached
-    return loop(self, params, prompt, max_new_tokens, key=key, temperature=temperature, top_k=top_k,
-                vocab_limit=vocab_limit, model_state=model_state)
+  def generate(self, params, prompts: Sequence[np.ndarray], max_new_tokens: int, *, key,
+               sampling: sampling_lib.Sampling = sampling_lib.Sampling(), stop: sampling_lib.StopFn | None = None,
+               model_state: dict | None = None) -> list[np.ndarray]:
+    """The ids (up to `max_new_tokens`, fewer where `stop` ends a row) that continue each prompt ([length]
+    ids), in one batch (`models.sampling`). A model whose generation is not one token per step (HAT's words
+    and bytes, an encoder-decoder) overrides this."""
+    return sampling_lib.generate(self, params, prompts, max_new_tokens, key=key, sampling=sampling, stop=stop,
+                                 model_state=model_state)
 
   def forward_flops_per_token(self, seq_len: int) -> float:
     """Analytic forward matmul FLOPs per token (causal attention counted at half)."""

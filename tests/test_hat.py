@@ -12,6 +12,7 @@ import models
 from models import formats
 from models.formats import words
 from models.hat import END_OF_DOCUMENT, END_OF_WORD
+from models.sampling import Sampling
 
 TEXTS = ['Hello, world!  It\'s 3.14\tand\n\nnext', '  leading spaces', 'über-cool 東京タワー ça va? 🙂 ok',
          'trailing space ', '', 'supercalifragilisticexpialidocious']
@@ -167,8 +168,8 @@ def test_generation_reproduces_teacher_forced_argmax(trained):
   setup, state = restore.load_run(load_workdir_config(str(trained)), str(trained))
   model, params = setup.model, state['params']
   prompt = np.frombuffer(b'import os\nimport sy', np.uint8).astype(np.int32)
-  all_words, n_prompt, forced = model.generate_words(params, prompt, 30, key=jax.random.key(0), temperature=0,
-                                                     vocab_limit=setup.vocab_limit)
+  all_words, n_prompt, forced = model.generate_words(params, prompt, 30, key=jax.random.key(0),
+                                                     sampling=Sampling(temperature=0, vocab_limit=setup.vocab_limit))
   assert b''.join(bytes(w) for w in all_words).startswith(bytes(prompt.tolist()))
   generated = all_words[n_prompt:]
   assert len(generated) > 2

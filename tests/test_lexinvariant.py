@@ -140,13 +140,14 @@ def test_relative_position_buckets_follow_t5(bidirectional):
 def test_cached_generation_equals_full_forward():
   model, params, tokens = build()
   prompt, key = np.asarray(tokens[0, :5]), jax.random.key(0)
-  generated = model.generate(params, prompt, 10, key=key, temperature=0)
+  greedy = sampling.Sampling(temperature=0)
+  generated = model.generate(params, [prompt], 10, key=key, sampling=greedy)[0]
   full = np.concatenate([prompt, generated])
-  rngs = model.stream_keys(jax.random.fold_in(key, 10))   # the table the generation used
+  rngs = model.stream_keys(sampling.stream_key(key))   # the table the generation used
   logits, _ = model.apply({'params': params}, jnp.asarray(full)[None], rngs=rngs)
   np.testing.assert_array_equal(generated, np.argmax(logits[0, 4:-1], axis=-1))
-  np.testing.assert_array_equal(generated, sampling.generate_uncached(model, params, prompt, 10, key=key,
-                                                                   temperature=0))
+  np.testing.assert_array_equal(generated, sampling.generate(model, params, [prompt], 10, key=key, sampling=greedy,
+                                                            cached=False)[0])
 
 
 def test_trains_and_evaluates_over_several_tables(make_config, tmp_path):

@@ -140,8 +140,8 @@ def test_cached_decoding_equals_the_full_forward(name, cache_dir):
   tokens = jnp.asarray(batch['tokens'][:2])
   full = jitted_apply(model)({'params': params, **model_state}, {'tokens': tokens})[0]
   if not model.cached_decoding:
-    generated = model.generate(params, np.asarray(tokens[0, :5]), 8, key=jax.random.key(0), temperature=0,
-                               model_state=model_state)
+    generated = model.generate(params, [np.asarray(tokens[0, :5])], 8, key=jax.random.key(0),
+                               sampling=sampling.Sampling(temperature=0), model_state=model_state)[0]
     sequence = np.concatenate([tokens[0, :5], generated])
     logits = forward(setup, state, {'tokens': jnp.asarray(sequence)[None]})[0]
     np.testing.assert_array_equal(generated, np.argmax(logits[0, 4:-1], axis=-1))
@@ -153,6 +153,48 @@ def test_cached_decoding_equals_the_full_forward(name, cache_dir):
   for t in range(6, tokens.shape[1]):
     logits, cache = step(params, cache, tokens[:, t:t + 1], jax.random.key(0), model_state)
     np.testing.assert_allclose(logits, full[:, t], atol=1e-4, err_msg=f'position {t}')
+
+
+# Models whose rows draw their own randomness (lexinvariant: an embedding table per sequence), so that a row
+# sampled in a batch differs from the same prompt sampled alone; their greedy rows are still checked.
+DRAWS_PER_ROW = {'lexinvariant'}
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_batched_generation_of_prompts_of_different_lengths(name, cache_dir):
+  """Three prompts of 2, 5 and 3 tokens in one batch: greedy, each row is the argmax of a full forward over
+  its prompt and output (the same batch, the same random draws); sampled, each row is the same without the
+  rows after it; a stop function ends each row at its own token."""
+  setup, state, batch = built(name, cache_dir)
+  model = setup.model.clone(**EXACT_DECODING.get(name, {}), **setup.model.causal_evaluation)
+  if model.batch_format != 'lm':
+    pytest.skip(f'generation of the {model.batch_format} format is checked in {GENERATION_TESTED_IN[model.batch_format]}')
+  params, model_state, key = state['params'], state['model_state'], jax.random.key(5)
+  tokens = np.asarray(batch['tokens'])
+  prompts = [tokens[0, :2], tokens[1, :5], tokens[2, :3]]
+  greedy = model.generate(params, prompts, 6, key=key, sampling=sampling.Sampling(temperature=0),
+                          model_state=model_state)
+  full = np.zeros((3, 11), np.int32)
+  for row, (prompt, out) in enumerate(zip(prompts, greedy)):
+    assert len(out) == 6
+    full[row, :len(prompt) + 6] = np.concatenate([prompt, out])
+  logits = jax.jit(lambda p, t: model.apply({'params': p, **model_state}, tokens=t, train=False,
+                                            rngs=model.stream_keys(sampling.stream_key(key)))[0])(params, full)
+  for row, prompt in enumerate(prompts):
+    np.testing.assert_array_equal(greedy[row], np.argmax(logits[row, len(prompt) - 1:len(prompt) + 5], -1))
+  drawn = sampling.Sampling(temperature=1.0, top_k=20, vocab_limit=setup.vocab_limit)
+  together = model.generate(params, prompts, 6, key=key, sampling=drawn, model_state=model_state)
+  assert not all(np.array_equal(a, b) for a, b in zip(together, greedy))
+  if name not in DRAWS_PER_ROW:   # a row's draws depend on its index and prompt, not on the other rows
+    for fewer in (prompts[:1], prompts[:2]):
+      for a, b in zip(model.generate(params, fewer, 6, key=key, sampling=drawn, model_state=model_state), together):
+        np.testing.assert_array_equal(a, b)
+  stops = {int(out[2]) for out in together}
+  stopped = model.generate(params, prompts, 6, key=key, sampling=drawn, model_state=model_state,
+                           stop=lambda ids: ids[-1] in stops)
+  for out, full_out in zip(stopped, together):
+    ends = [i for i, t in enumerate(full_out) if int(t) in stops]
+    np.testing.assert_array_equal(out, full_out[:ends[0] + 1])
 
 
 @pytest.mark.parametrize('name', NAMES)

@@ -147,3 +147,23 @@ def test_sample_cli_continues_the_prompt(trained_workdir):
                    '12', '--temperature', '0')
   assert out.returncode == 0, out.stderr
   assert out.stdout.startswith('import ') and len(out.stdout.encode()) > len('import ')
+
+
+def test_sample_cli_takes_a_file_of_prompts_and_writes_json_lines(trained_workdir, tmp_path):
+  """Prompts of different lengths in one batch: each greedy completion equals that prompt run alone, and a
+  stop string ends a completion before it."""
+  prompts = ['import ', 'def main(argv):', 'x']
+  (tmp_path / 'prompts.jsonl').write_text(''.join(json.dumps({'prompt': p}) + '\n' for p in prompts))
+  common = ['--workdir', str(trained_workdir), '--max_new_tokens', '12', '--temperature', '0']
+  out = run_module('train.sample', *common, '--prompts_file', str(tmp_path / 'prompts.jsonl'),
+                   '--output', str(tmp_path / 'out.jsonl'))
+  assert out.returncode == 0, out.stderr
+  rows = [json.loads(line) for line in (tmp_path / 'out.jsonl').read_text().splitlines()]
+  assert [r['prompt'] for r in rows] == prompts
+  alone = run_module('train.sample', *common, '--prompt', prompts[1])
+  assert alone.stdout == prompts[1] + rows[1]['completion'] + '\n'
+  cut = rows[0]['completion'][3:5]
+  stopped = run_module('train.sample', *common, '--prompt', prompts[0], '--stop', cut)
+  assert stopped.stdout == prompts[0] + rows[0]['completion'][:rows[0]['completion'].index(cut)] + '\n'
+  bad = run_module('train.sample', *common, '--prompt', 'x', '--top_p', '0')
+  assert bad.returncode == 2 and bad.stderr.strip().startswith('error: sampling needs')

@@ -48,7 +48,7 @@ def test_flops_per_token_close_to_compiler_count():
 def test_cached_generation_of_post_ln_with_rope_equals_full_forward():
   model, params, tokens = build(**VARIANTS[1])
   prompt = np.asarray(tokens[0, :5])
-  generated = model.generate(params, prompt, 10, key=jax.random.key(0), temperature=0)
+  generated = model.generate(params, [prompt], 10, key=jax.random.key(0), sampling=sampling.Sampling(temperature=0))[0]
   # One full forward over prompt + generated: by causality, position i's logits are those of the prefix,
   # so greedy decoding without a cache would have chosen exactly the generated tokens.
   full = np.concatenate([prompt, generated])
@@ -94,7 +94,7 @@ def test_uncached_generation_agrees_with_the_cache_path():
   model, params, tokens = build(positions='rope')
   prompt = np.asarray(tokens[0, :4])
   for temperature in (0, 1.0):
-    kwargs = dict(key=jax.random.key(3), temperature=temperature, vocab_limit=45)
-    cached = model.generate(params, prompt, 8, **kwargs)
-    np.testing.assert_array_equal(cached, sampling.generate_uncached(model, params, prompt, 8, **kwargs))
+    kwargs = dict(key=jax.random.key(3), sampling=sampling.Sampling(temperature=temperature, vocab_limit=45))
+    cached = model.generate(params, [prompt], 8, **kwargs)[0]
+    np.testing.assert_array_equal(cached, sampling.generate(model, params, [prompt], 8, cached=False, **kwargs)[0])
     assert cached.max() < 45
