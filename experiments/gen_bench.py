@@ -2,7 +2,7 @@
 cost of generating without a cache, at the arena's parameter-matched shapes.
 
   python -m experiments.gen_bench [--models a,b] [--size tiny] [--prompt_lens 128,2048] [--new_tokens 256]
-      [--batch 1] [--name gen-bench-cpu]
+      [--batch 1] [--name gen-bench-cpu] [--override KEY=VALUE ...]
 
 Each case runs in its own process: it builds the arena config for the model at a window of prompt + new
 tokens, with random weights (speed does not depend on training; MoR's routers then send about half the
@@ -71,13 +71,14 @@ def uncached_step(setup, state, prompt, new_tokens: int, batch: int):
   return lambda: forward(variables, inputs)
 
 
-def run_case(model_name: str, size: str, prompt_len: int, new_tokens: int, batch: int, cache_dir: str) -> dict:
+def run_case(model_name: str, size: str, prompt_len: int, new_tokens: int, batch: int, cache_dir: str,
+             overrides: tuple[str, ...] = ()) -> dict:
   import jax
   import numpy as np
 
   from models.sampling import Sampling
   from train import setup as setup_lib
-  config = bench.bench_config(model_name, size, prompt_len + new_tokens, prompt_len + new_tokens, cache_dir)
+  config = bench.bench_config(model_name, size, prompt_len + new_tokens, prompt_len + new_tokens, cache_dir, overrides)
   with tempfile.TemporaryDirectory() as workdir:
     setup = setup_lib.Setup(config, workdir)
     state = setup.init_state()
@@ -103,7 +104,7 @@ def run_case(model_name: str, size: str, prompt_len: int, new_tokens: int, batch
     jax.block_until_ready(step())
     times.append(time.perf_counter() - start)
   uncached = batch / statistics.median(times)
-  return {'model': model_name, 'prompt_len': prompt_len, 'new_tokens': new_tokens, 'batch': batch,
+  return {'model': ' '.join([model_name, *overrides]), 'prompt_len': prompt_len, 'new_tokens': new_tokens, 'batch': batch,
           'non_embedding_params': setup.param_counts['non_embedding_params'], 'cached_tokens_per_sec': cached,
           'uncached_tokens_per_sec': uncached, 'speedup': cached / uncached, 'compile_time_s': compile_time,
           'status': 'ok'}
@@ -111,8 +112,9 @@ def run_case(model_name: str, size: str, prompt_len: int, new_tokens: int, batch
 
 def case_in_subprocess(args, model: str, prompt_len: int, cache_dir: str) -> dict:
   cmd = [sys.executable, '-m', 'experiments.gen_bench', '--case', f'{model},{prompt_len}', '--size', args.size,
-         '--new_tokens', str(args.new_tokens), '--batch', str(args.batch), '--cache_dir', cache_dir]
-  failed = {'model': model, 'prompt_len': prompt_len, 'new_tokens': args.new_tokens, 'batch': args.batch}
+         '--new_tokens', str(args.new_tokens), '--batch', str(args.batch), '--cache_dir', cache_dir,
+         '--override', *args.override]
+  failed = {'model': ' '.join([model, *args.override]), 'prompt_len': prompt_len, 'new_tokens': args.new_tokens, 'batch': args.batch}
   try:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout_s)
   except subprocess.TimeoutExpired:
@@ -146,12 +148,15 @@ def main():
   parser.add_argument('--case_timeout_s', type=int, default=900)
   parser.add_argument('--name', default='', help='results/<name>.{csv,md} (default gen-bench-<platform>)')
   parser.add_argument('--results', default='results')
+  parser.add_argument('--override', nargs='*', default=[],
+                      help='KEY=VALUE applied to every case (model.num_layers=8), named in the model column')
   parser.add_argument('--case', help=argparse.SUPPRESS)
   parser.add_argument('--cache_dir', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.case:
     model, prompt_len = args.case.split(',')
-    print(json.dumps(run_case(model, args.size, int(prompt_len), args.new_tokens, args.batch, args.cache_dir)))
+    print(json.dumps(run_case(model, args.size, int(prompt_len), args.new_tokens, args.batch, args.cache_dir,
+                              tuple(args.override))))
     return
   from experiments import run
   models = args.models.split(',')

@@ -46,3 +46,11 @@ def test_bench_case_measures_the_trainers_step(cache_dir):
   assert row['tokens_per_sec'] == pytest.approx(256 / row['step_time_s'])
   assert 0 < row['mfu'] < 1 and row['peak_memory_mb'] > 0 and not row['memory_measured']
   assert math.isclose(row['non_embedding_params'], arena.baseline('tiny')[0], rel_tol=0.005)
+
+
+def test_generation_benchmark_case_runs_every_token(cache_dir):
+  """One case of experiments.gen_bench: the seq2seq model, whose uncached step is its decoder over the buffer."""
+  from experiments import gen_bench
+  row = gen_bench.run_case('mrt5', 'tiny', 16, 8, 2, cache_dir)   # asserts each row generated all 8 tokens
+  assert row['status'] == 'ok' and row['batch'] == 2
+  assert row['speedup'] == pytest.approx(row['cached_tokens_per_sec'] / row['uncached_tokens_per_sec'])

@@ -153,3 +153,23 @@ def test_gradients_are_finite_where_positions_have_no_partner():
   model, params, tokens = build()
   grads = jax.jit(jax.grad(lambda p: model.apply({'params': p}, tokens)[0].mean()))(params)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(schedule='per_layer', offsets=(1, 3), num_layers=2, prenorm=True)])
+def test_decode_cache_is_the_last_offsets_and_equals_the_full_forward(kw):
+  """The cache holds max(offsets) reduced vectors per layer whatever the length (O(1) work a token), and
+  feeding a prompt chunk then one token at a time gives the full forward's logits."""
+  from models import sampling
+  model, params, tokens = build(**kw)
+  shapes = lambda length: jax.tree.map(lambda x: x.shape, sampling.init_cache(model, 2, length))
+  assert shapes(8) == shapes(24)
+  histories = [x.shape for path, x in jax.tree_util.tree_leaves_with_path(sampling.init_cache(model, 2, 8))
+               if 'history' in str(path)]
+  assert histories == [(2, max(model.layer_offsets(i)), model.rank) for i in range(model.num_layers)]
+  full = model.apply({'params': params}, tokens)[0]
+  step, cache = sampling.decode_step_fn(model), sampling.init_cache(model, tokens.shape[0], tokens.shape[1])
+  logits, cache = step(params, cache, tokens[:, :3], jax.random.key(0))
+  np.testing.assert_allclose(logits, full[:, 2], atol=1e-5)
+  for t in range(3, tokens.shape[1]):
+    logits, cache = step(params, cache, tokens[:, t:t + 1], jax.random.key(0))
+    np.testing.assert_allclose(logits, full[:, t], atol=1e-5, err_msg=f'position {t}')
