@@ -12,7 +12,7 @@ over byte ids only (no end-of-document or end-of-word symbol, so every row runs 
 words then end at the 16-byte cap). The uncached figure is what generating without a cache costs per
 token: the median time of one full forward over the final length (`models.sampling.full_forward_fn`, the
 step of the uncached loop; HAT: its teacher-forced forward over all the words; ByT5/MrT5: the decoder over
-its whole target buffer, the encoder run once, as before the decoder had a cache), per token generated.
+its whole target buffer, as before the decoder had a cache, plus one encoder pass shared by the tokens).
 Writes results/<name>.md and .csv.
 """
 
@@ -43,8 +43,9 @@ def prompt_ids(length: int) -> list[int]:
   return list((text * (length // len(text) + 1))[:length])
 
 
-def uncached_step(setup, state, prompt, new_tokens: int, batch: int):
-  """A callable running what an uncached generator runs once per generated token, at the final length."""
+def uncached_steps(setup, state, prompt, new_tokens: int, batch: int):
+  """(what an uncached generator runs once, or None; what it runs once per generated token), at the final
+  length, as callables."""
   import jax
   import jax.numpy as jnp
 
@@ -55,20 +56,34 @@ def uncached_step(setup, state, prompt, new_tokens: int, batch: int):
   length = len(prompt) + new_tokens
   if model.batch_format == 'lm':
     forward, buffer = sampling.full_forward_fn(model), jnp.zeros((batch, length), jnp.int32)
-    return lambda: forward(params, buffer, length - 1, jax.random.key(0), state['model_state'])
+    return None, lambda: forward(params, buffer, length - 1, jax.random.key(0), state['model_state'])
   if model.batch_format == 'seq2seq':
     encoder = jnp.ones((batch, len(prompt) + 1), jnp.int32)
-    h, valid, positions, gate = model.apply(variables, encoder, method=ByT5.encode_front,
-                                            rngs=model.stream_keys(jax.random.key(0)))
-    encoded, _ = model.apply(variables, h, valid, positions, gate, method=ByT5.encode_back)
+    rngs = model.stream_keys(jax.random.key(0))
+    encode = jax.jit(lambda v, tokens: model.apply(v, *model.apply(v, tokens, method=ByT5.encode_front, rngs=rngs),
+                                                   method=ByT5.encode_back)[0])
+    encoded = encode(variables, encoder)
+    _, valid, _, gate = model.apply(variables, encoder, method=ByT5.encode_front, rngs=rngs)
     decode = jax.jit(lambda v, buffer: model.apply(v, encoded, valid, gate, buffer, method=ByT5.decode)[0])
-    return lambda: decode(variables, jnp.zeros((batch, new_tokens), jnp.int32))
+    return (lambda: encode(variables, encoder)), lambda: decode(variables, jnp.zeros((batch, new_tokens), jnp.int32))
   # the words generation holds at the end: the prompt's (about 6 bytes each) and the new ones (at the cap)
   words = model.clone(max_words=len(prompt) // 6 + new_tokens // model.max_word_bytes + 1)
   inputs = {k: jnp.zeros(s.shape, s.dtype) for k, s in words.example_inputs(batch, length).items()}
   inputs['word_lengths'] = inputs['word_lengths'].at[:].set(6)
   forward = jax.jit(lambda v, inputs: words.apply(v, **inputs)[0])
-  return lambda: forward(variables, inputs)
+  return None, lambda: forward(variables, inputs)
+
+
+def median_time(fn) -> float:
+  """Median wall time of three calls of `fn` after a warm-up call."""
+  import jax
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def run_case(model_name: str, size: str, prompt_len: int, new_tokens: int, batch: int, cache_dir: str,
@@ -96,14 +111,8 @@ def run_case(model_name: str, size: str, prompt_len: int, new_tokens: int, batch
   start = time.perf_counter()
   generate()
   cached = batch * new_tokens / (time.perf_counter() - start)
-  step = uncached_step(setup, state, prompts[0], new_tokens, batch)
-  jax.block_until_ready(step())
-  times = []
-  for _ in range(3):
-    start = time.perf_counter()
-    jax.block_until_ready(step())
-    times.append(time.perf_counter() - start)
-  uncached = batch / statistics.median(times)
+  once, per_token = uncached_steps(setup, state, prompts[0], new_tokens, batch)
+  uncached = batch * new_tokens / ((median_time(once) if once else 0.0) + new_tokens * median_time(per_token))
   return {'model': ' '.join([model_name, *overrides]), 'prompt_len': prompt_len, 'new_tokens': new_tokens, 'batch': batch,
           'non_embedding_params': setup.param_counts['non_embedding_params'], 'cached_tokens_per_sec': cached,
           'uncached_tokens_per_sec': uncached, 'speedup': cached / uncached, 'compile_time_s': compile_time,
