@@ -162,6 +162,17 @@ def plot(rows: list[dict], path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def write_csv(path: str, rows: list[dict], fields, *, command: str, commit: str, hardware: str) -> None:
+  """The benchmark's rows, each with the provenance of the run (command, commit, hardware, date)."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=[*fields, 'command', 'commit', 'hardware', 'date'], extrasaction='ignore')
+    writer.writeheader()
+    for r in rows:
+      writer.writerow({**r, 'command': command, 'commit': commit, 'hardware': hardware,
+                       'date': datetime.date.today().isoformat()})
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--models', default=','.join(arena_config.ARCHITECTURES))
@@ -205,13 +216,8 @@ def main():
           row = case_in_subprocess(args, model, size, seq_len, cache_dir)
           print(json.dumps(row), flush=True)
           rows.append(row)
-  os.makedirs(args.results, exist_ok=True)
-  with open(os.path.join(args.results, f'{name}.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=[*FIELDS, 'command', 'commit', 'hardware', 'date'], extrasaction='ignore')
-    writer.writeheader()
-    for r in rows:
-      writer.writerow({**r, 'command': command, 'commit': commit, 'hardware': hardware,
-                       'date': datetime.date.today().isoformat()})
+  write_csv(os.path.join(args.results, f'{name}.csv'), rows, FIELDS, command=command, commit=commit,
+            hardware=hardware)
   plot(rows, os.path.join(args.results, f'{name}.png'))
   with open(os.path.join(args.results, f'{name}.md'), 'w') as f:
     f.write(render(name, rows, command, hardware, commit, args.peak_flops))

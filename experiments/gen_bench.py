@@ -19,7 +19,6 @@ Writes results/<name>.md and .csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import inspect
 import json
@@ -60,10 +59,13 @@ def uncached_steps(setup, state, prompt, new_tokens: int, batch: int):
   if model.batch_format == 'seq2seq':
     encoder = jnp.ones((batch, len(prompt) + 1), jnp.int32)
     rngs = model.stream_keys(jax.random.key(0))
-    encode = jax.jit(lambda v, tokens: model.apply(v, *model.apply(v, tokens, method=ByT5.encode_front, rngs=rngs),
-                                                   method=ByT5.encode_back)[0])
-    encoded = encode(variables, encoder)
-    _, valid, _, gate = model.apply(variables, encoder, method=ByT5.encode_front, rngs=rngs)
+
+    @jax.jit
+    def encode(v, tokens):   # -> encoder output, validity, gate
+      h, valid, positions, gate = model.apply(v, tokens, method=ByT5.encode_front, rngs=rngs)
+      return model.apply(v, h, valid, positions, gate, method=ByT5.encode_back)[0], valid, gate
+
+    encoded, valid, gate = encode(variables, encoder)
     decode = jax.jit(lambda v, buffer: model.apply(v, encoded, valid, gate, buffer, method=ByT5.decode)[0])
     return (lambda: encode(variables, encoder)), lambda: decode(variables, jnp.zeros((batch, new_tokens), jnp.int32))
   # the words generation holds at the end: the prompt's (about 6 bytes each) and the new ones (at the cap)
@@ -183,13 +185,8 @@ def main():
         row = case_in_subprocess(args, model, prompt_len, cache_dir)
         print(json.dumps(row), flush=True)
         rows.append(row)
-  os.makedirs(args.results, exist_ok=True)
-  with open(os.path.join(args.results, f'{name}.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=[*FIELDS, 'command', 'commit', 'hardware', 'date'], extrasaction='ignore')
-    writer.writeheader()
-    for r in rows:
-      writer.writerow({**r, 'command': command, 'commit': commit, 'hardware': hardware,
-                       'date': datetime.date.today().isoformat()})
+  bench.write_csv(os.path.join(args.results, f'{name}.csv'), rows, FIELDS, command=command, commit=commit,
+                  hardware=hardware)
   with open(os.path.join(args.results, f'{name}.md'), 'w') as f:
     f.write(render(name, rows, command, hardware, commit))
   print(open(os.path.join(args.results, f'{name}.md')).read())

@@ -121,7 +121,7 @@ class T5Layer(nn.Module):
   cross: bool = False
 
   @nn.compact
-  def __call__(self, h, train: bool, decode: bool = False, *, mask, position_bias, key_bias=None, encoded=None,
+  def __call__(self, h, train: bool, decode: bool, *, mask, position_bias, key_bias=None, encoded=None,
                encoded_mask=None, encoded_key_bias=None):
     """-> (h, self-attention score penalty, cross-attention score penalty). `train` and `decode` are
     positional: the rematerialised layer takes them as static arguments."""
@@ -296,7 +296,7 @@ class ByT5(LanguageModel):
     h = self.drop(self.embed(encoder_tokens), deterministic=not train)
     bias, mask = self.encoder_bias(positions, positions), layers.padding_mask(valid, valid)
     for layer in self.encoder[:self.gate_layer]:
-      h, _, _ = layer(h, train, mask=mask, position_bias=bias)
+      h, _, _ = layer(h, train, False, mask=mask, position_bias=bias)
     return h, valid, positions, self.gate_values(h, encoder_tokens, valid)
 
   def encode_back(self, h, valid, positions, gate, train: bool = False):
@@ -304,7 +304,7 @@ class ByT5(LanguageModel):
     bias, mask = self.encoder_bias(positions, positions), layers.padding_mask(valid, valid)
     penalties = []
     for layer in self.encoder[self.gate_layer:]:
-      h, penalty, _ = layer(h, train, mask=mask, position_bias=bias, key_bias=gate)
+      h, penalty, _ = layer(h, train, False, mask=mask, position_bias=bias, key_bias=gate)
       penalties.append(penalty)
     return self.encoder_norm(h), penalties
 
@@ -459,11 +459,11 @@ class ByT5(LanguageModel):
     encode_front, encode_back, step = _decoding_fns(self)
     h, valid, positions, gate = encode_front(variables, jnp.asarray(tokens), rngs)
     if gate is not None and self.eval_deletion == 'hard':
-      keep = valid & ~self.deleted(gate, valid)
+      keep, order, _, _ = self.hard_plan(gate, valid)
       if not keep.any(axis=1).all():
         raise InputError('hard deletion removed every token of a prompt '
                          '(sample with --config.model.eval_deletion=soft)')
-      order = jnp.argsort(~keep, axis=1, stable=True)[:, :int(keep.sum(1).max())]
+      order = order[:, :int(keep.sum(1).max())]   # the longest row's kept tokens, not a bucket
       h, positions, gate = (take_kept(x, order) for x in (h, positions, gate))
       valid, gate = take_kept(keep, order), self.hard_key_bias(gate)
     encoded = encode_back(variables, h, valid, positions, gate)
