@@ -107,8 +107,8 @@ def cached_mean_plucker(z: jax.Array, history: jax.Array, start: jax.Array, offs
 
 
 class GrassmannMixing(nn.Module):
-  """With `decode=True` the layer keeps the last max(offsets) reduced vectors and a position count in the
-  'cache' collection: O(1) work per generated token, whatever the length so far."""
+  """With `decode=True` the layer keeps the last max(offsets) reduced vectors in the 'cache' collection:
+  O(1) work per generated token, whatever the length so far; `positions` [batch, n] are the new tokens'."""
   d_model: int
   rank: int
   offsets: tuple[int, ...]
@@ -117,12 +117,11 @@ class GrassmannMixing(nn.Module):
   impl: str = 'shifted'   # MIXING_IMPLS
 
   @nn.compact
-  def __call__(self, h, *, decode: bool = False):
+  def __call__(self, h, *, positions=None, decode: bool = False):
     z = layers.dense(self.rank, ('embed', 'rank'), dtype=self.dtype, name='reduce')(h)
     if decode:
       history = self.variable('cache', 'history', jnp.zeros, (z.shape[0], max(self.offsets), self.rank), z.dtype)
-      start = layers.sequence_positions(self, z.shape[1], decode)[0, 0]
-      p_mean, count = cached_mean_plucker(z, history.value, start, self.offsets, self.eps)
+      p_mean, count = cached_mean_plucker(z, history.value, positions[0, 0], self.offsets, self.eps)
       if not self.is_initializing():
         history.value = jnp.concatenate([history.value, z], axis=1)[:, -history.value.shape[1]:]
     else:
@@ -150,7 +149,7 @@ class GrassmannBlock(nn.Module):
     train = context.train
     mixing = GrassmannMixing(d_model=self.d_model, rank=self.rank, offsets=self.offsets, eps=self.eps,
                              dtype=self.dtype, impl=self.mixing_impl, name='mixing')
-    mix = lambda y: mixing(y, decode=context.decode)
+    mix = lambda y: mixing(y, positions=context.positions, decode=context.decode)
     mlp = layers.Mlp(self.d_ff, dtype=self.dtype, name='mlp')
     norm1 = layers.norm('layernorm', dtype=self.dtype, name='norm1')
     norm2 = layers.norm('layernorm', dtype=self.dtype, name='norm2')
@@ -219,7 +218,8 @@ class GrassmannLM(LanguageModel):
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     per_layer = self.schedule == 'per_layer'
     x = stack.apply_blocks(
-        GrassmannBlock, x, stack.Context(train=train, decode=decode), num_layers=self.num_layers, remat_policy=self.remat,
+        GrassmannBlock, x, stack.Context(positions=positions, train=train, decode=decode),
+        num_layers=self.num_layers, remat_policy=self.remat,
         scan=self.scan_layers, layer_kwargs=(lambda i: {'offsets': self.layer_offsets(i)}) if per_layer else None,
         **({} if per_layer else {'offsets': tuple(self.offsets)}), d_model=self.d_model, d_ff=self.d_ff,
         rank=self.rank, prenorm=self.prenorm, eps=self.eps, dropout=self.dropout, dtype=dtype,
